@@ -1,0 +1,33 @@
+"""Shared test set-up: offline Hub, reference fixtures from ../shared, small thread count."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+REFERENCE_DIR = Path(os.environ.get("HSFACE_REFERENCE_DIR", PROJECT_ROOT.parent / "shared" / "reference"))
+
+
+def reference_file(relative: str) -> Path:
+    """Path of a file under ``../shared/reference``; skips (or fails under HSFACE_REQUIRE_FIXTURES=1) if absent."""
+    path = REFERENCE_DIR / relative
+    if not path.exists():
+        message = (
+            f"reference file {relative} not found under {REFERENCE_DIR} (expected ../shared/reference "
+            "beside the project root, or set HSFACE_REFERENCE_DIR)"
+        )
+        if os.environ.get("HSFACE_REQUIRE_FIXTURES") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture
+def reference():
+    return reference_file
