@@ -1,0 +1,110 @@
+"""AttrOP on toy differentiable 'models': it optimises, stops, is bounded and leaves weights alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from vec2face_model.attrop import AttrOPConfig, attrop
+
+DIM = 16
+
+
+class ToyWorld(nn.Module):
+    """A linear 'generator' plus linear 'recognizer', 'quality' and 'pose' heads on its images."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.decoder = nn.Linear(DIM, 3 * 4 * 4)
+        self.recognizer = nn.Linear(3 * 4 * 4, DIM)
+        self.pose = nn.Linear(3 * 4 * 4, 1)
+        for p in self.parameters():
+            p.data = torch.randn(p.shape, generator=g) * 0.3
+
+    def decode(self, vectors, sample_ids, iteration):
+        noise = torch.stack([torch.randn(3 * 4 * 4, generator=torch.Generator().manual_seed(int(i) * 1000 + iteration)) for i in sample_ids])
+        return torch.tanh(self.decoder(vectors) + 0.05 * noise).reshape(-1, 3, 4, 4)
+
+    def identity(self, images):
+        return self.recognizer(images.flatten(1))
+
+    def quality(self, images):
+        return self.identity(images).norm(dim=1)
+
+    def yaw(self, images):
+        return 90 * torch.tanh(self.pose(images.flatten(1)).squeeze(1))
+
+
+def run(world, vectors, targets, **config):
+    return attrop(vectors, targets, world.decode, world.identity, world.quality, world.yaw, AttrOPConfig(**config), models=[world])
+
+
+def test_attrop_lowers_the_loss_and_meets_reachable_targets():
+    world = ToyWorld()
+    vectors = torch.randn(8, DIM, generator=torch.Generator().manual_seed(1))
+    targets = world.identity(world.decode(vectors, torch.arange(8), 0)).detach()
+    quality_now = world.quality(world.decode(vectors, torch.arange(8), 0)).detach()
+    config = dict(target_yaw=20.0, target_quality=float(quality_now.mean()) * 1.2, max_steps=200, lr=0.05)
+
+    def per_sample_loss(id_loss, quality, yaw):
+        return 100 * id_loss + (config["target_quality"] - quality).clamp_min(0) + (20.0 - yaw.abs()).abs()
+
+    initial = run(world, vectors, targets, **{**config, "max_steps": 1})  # measurement only, no step
+    result = run(world, vectors, targets, **config)
+    before = per_sample_loss(initial.id_loss, initial.quality, initial.yaw)
+    after = per_sample_loss(result.id_loss, result.quality, result.yaw)
+    assert after.mean() < 0.5 * before.mean()
+    assert result.success.sum() >= 4
+    ok = result.success
+    assert (result.id_loss[ok] <= 0.3).all()
+    assert ((20.0 - result.yaw[ok].abs()).abs() <= 5).all()
+    assert (result.steps[ok] < 200).all()  # accepted samples left the batch early
+
+
+def test_unreachable_targets_terminate_without_success():
+    world = ToyWorld()
+    vectors = torch.randn(4, DIM, generator=torch.Generator().manual_seed(2))
+    result = run(world, vectors, vectors, target_yaw=None, target_quality=1e6, max_steps=7)
+    assert not result.success.any()
+    assert (result.steps == 7).all()
+    assert len(result.loss_history) == 7
+    assert result.images.shape == (4, 3, 4, 4)
+
+
+def test_model_weights_never_change_and_get_no_gradients():
+    world = ToyWorld()
+    before = {k: v.clone() for k, v in world.state_dict().items()}
+    vectors = torch.randn(4, DIM, generator=torch.Generator().manual_seed(3))
+    run(world, vectors, vectors, target_yaw=45.0, max_steps=5)
+    for key, value in world.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert all(p.grad is None for p in world.parameters())
+    assert all(p.requires_grad for p in world.parameters())  # restored after the run
+
+
+def test_each_sample_trajectory_is_independent_of_the_batch():
+    world = ToyWorld()
+    vectors = torch.randn(5, DIM, generator=torch.Generator().manual_seed(4))
+    targets = torch.randn(5, DIM, generator=torch.Generator().manual_seed(5))
+    batch = run(world, vectors, targets, target_yaw=30.0, max_steps=12)
+
+    def decode_as_sample_2(v, ids, it):  # the same sample alone keeps its own mask stream (id 2)
+        return world.decode(v, ids + 2, it)
+
+    alone = attrop(vectors[2:3], targets[2:3], decode_as_sample_2, world.identity, world.quality, world.yaw,
+                   AttrOPConfig(target_yaw=30.0, max_steps=12), models=[world])
+    torch.testing.assert_close(batch.vectors[2:3], alone.vectors, atol=1e-5, rtol=1e-5)
+    assert batch.steps[2] == alone.steps[0]
+
+
+def test_bad_configuration_is_rejected():
+    with pytest.raises(ValueError, match="max_steps"):
+        AttrOPConfig(max_steps=0)
+    with pytest.raises(ValueError, match="0..90"):
+        AttrOPConfig(target_yaw=120)
+    world = ToyWorld()
+    v = torch.randn(2, DIM)
+    with pytest.raises(ValueError, match="pose model"):
+        attrop(v, v, world.decode, world.identity, world.quality, None, AttrOPConfig(target_yaw=60))
