@@ -18,7 +18,7 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 job=${1:-}
 shift || true
 case "$job" in
-  build) exec "$venv/bin/hsface" build tiny --model random-tiny --out hsface_out "$@" ;;
+  build) exec "$venv/bin/hsface" build tiny --model random-tiny "$@" ;;
   test) exec "$venv/bin/python" -m pytest "$@" ;;
   *) echo "usage: ./dev.sh build|test [args]" >&2; exit 2 ;;
 esac

@@ -1,0 +1,115 @@
+"""HSFace generation configs: every parameter of the paper's recipe, explicit and recorded in the output."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import datasets
+
+from vec2face_model.attrop import AttrOPConfig
+from vec2face_model.pipeline_vec2face import OFFICIAL_REPO_ID, AttrOPSchedule
+
+# Fields that define the dataset's content: a folder built with other values is another dataset.
+CONTENT_FIELDS = (
+    "num_identities", "images_per_identity", "tau", "sigmas", "fractions", "min_similarity",
+    "attrop_groups", "attrop_quality", "attrop_max_steps", "attrop_lr", "refine_identities",
+    "refine_max_steps", "seed", "identities_per_shard", "image_format", "model",
+)
+
+
+@dataclass
+class HSFaceConfig(datasets.BuilderConfig):
+    """One HSFace config. Defaults are the paper's recipe (HSFace10K..300K, 50 images per identity):
+    identity sampling with tau 0.3 -> identity refinement (AttrOP, quality 27) -> perturbation mix
+    sigma 0.3/0.5/0.7 for 40/40/20 % -> AttrOP pose images (20 at yaw 60, 10 at yaw 85, quality 27)
+    replacing plain ones.
+    """
+
+    num_identities: int = 10_000
+    images_per_identity: int = 50
+    tau: float = 0.3
+    sigmas: tuple[float, ...] = (0.3, 0.5, 0.7)
+    fractions: tuple[float, ...] = (0.4, 0.4, 0.2)
+    min_similarity: float = 0.5
+    attrop_groups: tuple[tuple[int, float], ...] = ((20, 60.0), (10, 85.0))
+    attrop_quality: float = 27.0
+    attrop_max_steps: int = 30
+    attrop_lr: float = 0.1
+    refine_identities: bool = True
+    refine_max_steps: int = 30
+    seed: int = 0
+    identities_per_shard: int = 1000
+    batch_size: int = 32
+    image_format: str = "jpeg"  # "jpeg" (quality 95) or "png" (lossless, ~5x larger)
+    model: str = OFFICIAL_REPO_ID
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.sigmas = tuple(float(s) for s in self.sigmas)
+        self.fractions = tuple(float(f) for f in self.fractions)
+        self.attrop_groups = tuple((int(c), float(y)) for c, y in self.attrop_groups)
+        if self.num_identities < 1 or self.images_per_identity < 1 or self.identities_per_shard < 1:
+            raise ValueError("num_identities, images_per_identity and identities_per_shard must be positive")
+        if self.image_format not in ("jpeg", "png"):
+            raise ValueError(f"image_format must be 'jpeg' or 'png', got {self.image_format!r}")
+        self.attrop_schedule().target_yaws(self.images_per_identity)  # validates the schedule fits
+
+    @property
+    def num_shards(self) -> int:
+        return math.ceil(self.num_identities / self.identities_per_shard)
+
+    @property
+    def num_images(self) -> int:
+        return self.num_identities * self.images_per_identity
+
+    def shard_identities(self, shard: int) -> range:
+        """Global identity indices of a shard (shards are contiguous identity ranges)."""
+        if not 0 <= shard < self.num_shards:
+            raise ValueError(f"shard {shard} out of range 0..{self.num_shards - 1}")
+        start = shard * self.identities_per_shard
+        return range(start, min(start + self.identities_per_shard, self.num_identities))
+
+    def attrop_schedule(self) -> AttrOPSchedule | None:
+        if not self.attrop_groups:
+            return None
+        return AttrOPSchedule(groups=self.attrop_groups, config=AttrOPConfig(
+            target_quality=self.attrop_quality, max_steps=self.attrop_max_steps, lr=self.attrop_lr))
+
+    def refine_config(self) -> AttrOPConfig | None:
+        if not self.refine_identities:
+            return None
+        return AttrOPConfig(target_yaw=None, target_quality=self.attrop_quality, max_steps=self.refine_max_steps, lr=self.attrop_lr)
+
+    def content(self) -> dict:
+        """The parameters that define the dataset (JSON-ready)."""
+        values = {f: getattr(self, f) for f in CONTENT_FIELDS}
+        return {k: [list(x) if isinstance(x, tuple) else x for x in v] if isinstance(v, tuple) else v for k, v in values.items()}
+
+    def replace(self, **changes) -> "HSFaceConfig":
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown config field(s): {sorted(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+
+_PAPER_SIZES = {"10k": 10_000, "20k": 20_000, "100k": 100_000, "200k": 200_000, "300k": 300_000}
+
+PRESETS: dict[str, HSFaceConfig] = {
+    name: HSFaceConfig(name=name, num_identities=n, description=f"HSFace{name.upper()}: {n:,} identities x 50 images (paper recipe)")
+    for name, n in _PAPER_SIZES.items()
+}
+# Smoke-run config: a few identities x a few images, one AttrOP image each, short AttrOP budgets.
+PRESETS["tiny"] = HSFaceConfig(
+    name="tiny", num_identities=4, images_per_identity=5, attrop_groups=((1, 60.0),), attrop_max_steps=2,
+    refine_max_steps=2, identities_per_shard=2, batch_size=8,
+    description="Smoke-test config: 4 identities x 5 images (1 AttrOP pose image each), 2 shards",
+)
+
+
+def get_config(name: str, **overrides) -> HSFaceConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown HSFace config {name!r}; available: {', '.join(PRESETS)}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]

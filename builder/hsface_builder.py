@@ -1,0 +1,139 @@
+"""The HSFace Hugging Face Datasets builder: one config per dataset size, explicit Features,
+shards = contiguous identity ranges, every example keyed by (shard, index) deterministically.
+
+Two ways to run it:
+
+* ``HSFace(config_name="tiny", model="random-tiny").download_and_prepare()`` — the datasets-native
+  way (Arrow cache; ``num_proc`` splits the shards between workers);
+* ``hsface build tiny`` — the same examples written as a Hub repository of parquet shards,
+  resumable and distributed (:mod:`builder.build`).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator
+
+import datasets
+import numpy as np
+import torch
+from datasets.builder import Key
+from PIL import Image
+
+from vec2face_model.pipeline_vec2face import Vec2FacePipeline
+
+from .config import PRESETS, HSFaceConfig
+
+FEATURES = datasets.Features(
+    {
+        "image": datasets.Image(),
+        "label": datasets.Value("int64"),  # global identity index
+        "image_index": datasets.Value("int32"),  # index of the image within its identity
+        "sigma": datasets.Value("float32"),  # perturbation level of the image's vector
+        "cos_to_identity": datasets.Value("float32"),  # cosine of the image's vector to the identity vector
+        "attrop_target_yaw": datasets.Value("float32"),  # null for plain (non-AttrOP) images
+        "attrop_success": datasets.Value("bool"),  # null for plain images
+        "yaw": datasets.Value("float32"),  # measured by the pose model where AttrOP ran, else null
+        "quality": datasets.Value("float32"),  # MagFace feature norm where AttrOP ran, else null
+    }
+)
+
+CITATION = """@inproceedings{wu2025vec2face,
+  title={Vec2Face: Scaling Face Dataset Generation with Loosely Constrained Vectors},
+  author={Wu, Haiyu and Singh, Jaskirat and Tian, Sicong and Zheng, Liang and Bowyer, Kevin W.},
+  booktitle={ICLR},
+  year={2025}
+}"""
+
+
+def load_pipeline(model: str) -> Vec2FacePipeline:
+    """A preset name (``random-tiny``), a local folder (converted or official layout) or a Hub repo id."""
+    return Vec2FacePipeline.from_pretrained(model)
+
+
+def sample_config_identities(pipe: Vec2FacePipeline, config: HSFaceConfig, progress: bool = False) -> torch.Tensor:
+    """The config's identity vectors [num_identities, 512]: a pure function of (prior, tau, seed)."""
+    return pipe.sample_identities(config.num_identities, tau=config.tau, seed=config.seed, progress=progress).vectors
+
+
+def encode_image(image: np.ndarray, image_format: str) -> bytes:
+    buffer = io.BytesIO()
+    if image_format == "jpeg":
+        Image.fromarray(image).save(buffer, format="JPEG", quality=95)
+    else:
+        Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _optional(value: float) -> float | None:
+    return None if np.isnan(value) else float(value)
+
+
+def generate_shard_examples(
+    pipe: Vec2FacePipeline,
+    config: HSFaceConfig,
+    identities: torch.Tensor,
+    shard: int,
+    on_images: Callable[[int], None] | None = None,
+) -> list[dict]:
+    """All examples of one shard, in (label, image_index) order."""
+    ids = config.shard_identities(shard)
+    out = pipe(
+        identities[ids.start : ids.stop],
+        images_per_identity=config.images_per_identity,
+        sigmas=config.sigmas,
+        fractions=config.fractions,
+        min_similarity=config.min_similarity,
+        attrop=config.attrop_schedule(),
+        refine_identities=config.refine_config(),
+        seed=config.seed,
+        identity_offset=ids.start,
+        output_type="np",
+        batch_size=config.batch_size,
+        progress=False,
+        on_images=on_images,
+    )
+    examples = []
+    for r in range(len(out.labels)):
+        steered = not np.isnan(out.attrop_target_yaw[r])
+        examples.append(
+            {
+                "image": {"bytes": encode_image(out.images[r], config.image_format), "path": None},
+                "label": int(out.labels[r]),
+                "image_index": int(out.image_index[r]),
+                "sigma": float(out.sigma[r]),
+                "cos_to_identity": float(out.cos_to_identity[r]),
+                "attrop_target_yaw": _optional(out.attrop_target_yaw[r]),
+                "attrop_success": bool(out.attrop_success[r]) if steered else None,
+                "yaw": _optional(out.yaw[r]),
+                "quality": _optional(out.quality[r]),
+            }
+        )
+    return examples
+
+
+class HSFace(datasets.GeneratorBasedBuilder):
+    """HSFace: synthetic face-recognition training data generated with Vec2Face."""
+
+    BUILDER_CONFIG_CLASS = HSFaceConfig
+    BUILDER_CONFIGS = list(PRESETS.values())
+    DEFAULT_CONFIG_NAME = "tiny"
+
+    def _info(self) -> datasets.DatasetInfo:
+        return datasets.DatasetInfo(
+            description=self.config.description or "",
+            features=FEATURES,
+            citation=CITATION,
+            homepage="https://github.com/HaiyuWu/Vec2Face",
+        )
+
+    def _split_generators(self, dl_manager):
+        # A list-valued gen_kwarg: datasets splits the shards between num_proc workers.
+        return [datasets.SplitGenerator(name=datasets.Split.TRAIN, gen_kwargs={"shards": list(range(self.config.num_shards))})]
+
+    def _generate_examples(self, shards: list[int]) -> Iterator[tuple[Key, dict]]:
+        pipe = load_pipeline(self.config.model)
+        identities = sample_config_identities(pipe, self.config)
+        for shard in shards:
+            for index, example in enumerate(generate_shard_examples(pipe, self.config, identities, shard)):
+                yield Key(shard, index), example

@@ -1,0 +1,199 @@
+"""HSFace builder end to end on the random-tiny pipeline: layout, loading, resume, distribution, errors, push."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from builder.build import BuildError, build
+from builder.config import get_config
+from builder.hub import push_dataset
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+TINY = get_config("tiny", model="random-tiny")
+
+
+def run_cli(*args, env_extra=None, **kwargs):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(PROJECT_ROOT), **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "builder.cli", *args], cwd=PROJECT_ROOT, env=env,
+                          capture_output=True, text=True, **kwargs)
+
+
+def decoded_rows(out_dir: Path, config: str = "tiny") -> dict:
+    """(label, image_index) -> (decoded pixels, metadata) for a built folder, via load_dataset."""
+    from datasets import load_dataset
+
+    ds = load_dataset(str(out_dir), config, split="train")
+    rows = {}
+    for row in ds:
+        key = (row["label"], row["image_index"])
+        assert key not in rows, f"duplicate {key}"
+        meta = {k: v for k, v in row.items() if k != "image"}
+        rows[key] = (np.asarray(row["image"]), meta)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tiny_build(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hsface")
+    result = build(TINY, out, progress=False)
+    return out, result
+
+
+def test_tiny_build_loads_with_the_expected_rows_schema_and_invariants(tiny_build):
+    out, result = tiny_build
+    assert result.num_rows == 20 and result.shards_written == [0, 1]
+    assert sorted(p.name for p in (out / "tiny").glob("train-*.parquet")) == ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
+    for name in ("generation.json", "identities.safetensors", "manifest.json", "sample_grid.png"):
+        assert (out / "tiny" / name).exists(), name
+    rows = decoded_rows(out)
+    assert sorted(rows) == [(i, j) for i in range(4) for j in range(5)]
+    for (label, j), (pixels, meta) in rows.items():
+        assert pixels.shape == (112, 112, 3) and pixels.dtype == np.uint8
+        assert meta["cos_to_identity"] >= 0.5 - 1e-6
+        if j == 4:  # the tiny schedule steers the last image of each identity to yaw 60
+            assert meta["attrop_target_yaw"] == 60.0 and meta["attrop_success"] is not None
+            assert meta["yaw"] is not None and meta["quality"] is not None
+        else:
+            assert meta["attrop_target_yaw"] is None and meta["attrop_success"] is None and meta["yaw"] is None
+    for label in range(4):  # exact sigma mix per identity: round(5 * (0.4, 0.4, 0.2)) = 2, 2, 1
+        mix = Counter(round(rows[(label, j)][1]["sigma"], 3) for j in range(5))
+        assert mix == {0.3: 2, 0.5: 2, 0.7: 1}
+    card = (out / "README.md").read_text()
+    assert "config_name: tiny" in card and "not faces" in card and "dataset_info" in card
+
+
+def test_hsface_folder_streams_and_splits_by_node(tiny_build):
+    from datasets import load_dataset
+    from datasets.distributed import split_dataset_by_node
+
+    out, _ = tiny_build
+    streamed = list(load_dataset(str(out), "tiny", split="train", streaming=True))
+    assert len(streamed) == 20
+    parts = [list(split_dataset_by_node(load_dataset(str(out), "tiny", split="train", streaming=True), rank=r, world_size=2)) for r in range(2)]
+    assert sorted((x["label"], x["image_index"]) for p in parts for x in p) == sorted((x["label"], x["image_index"]) for x in streamed)
+
+
+def test_rerun_skips_finished_shards_and_changes_nothing(tiny_build):
+    out, _ = tiny_build
+    before = {p.name: p.read_bytes() for p in (out / "tiny").glob("train-*.parquet")}
+    again = build(TINY, out, progress=False)
+    assert again.shards_written == [] and again.shards_skipped == [0, 1]
+    assert before == {p.name: p.read_bytes() for p in (out / "tiny").glob("train-*.parquet")}
+
+
+def test_datasets_native_builder_gives_the_same_examples(tiny_build, tmp_path):
+    from builder.hsface_builder import HSFace
+
+    out, _ = tiny_build
+    builder = HSFace(config_name="tiny", model="random-tiny", cache_dir=str(tmp_path))
+    builder.download_and_prepare()
+    native = {(r["label"], r["image_index"]): np.asarray(r["image"]) for r in builder.as_dataset(split="train")}
+    built = decoded_rows(out)
+    assert native.keys() == built.keys()
+    assert all(np.array_equal(native[k], built[k][0]) for k in native)
+
+
+def test_killed_build_resumes_to_identical_content(tiny_build, tmp_path):
+    """Kill a real process after its first finished shard, rerun, compare with the uninterrupted build."""
+    reference, _ = tiny_build
+    out = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(PROJECT_ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "builder.cli", "build", "tiny", "--model", "random-tiny", "--out", str(out),
+                             "--no-progress"], cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = out / "tiny" / ".manifest" / "train-00000.json"
+    deadline = time.time() + 120
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert first.exists(), proc.stderr.read().decode()[-2000:]
+    finished_before = sorted(p.name for p in (out / "tiny" / ".manifest").glob("*.json"))
+    result = run_cli("build", "tiny", "--model", "random-tiny", "--out", str(out), "--no-progress")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "already finished" in result.stdout
+    resumed, expected = decoded_rows(out), decoded_rows(reference)
+    assert resumed.keys() == expected.keys()
+    assert all(np.array_equal(resumed[k][0], expected[k][0]) and resumed[k][1] == expected[k][1] for k in expected)
+    assert len(finished_before) >= 1
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_build_equals_one_process(tmp_path):
+    # CPU GEMM results depend on the per-process thread count, so both runs use one thread each:
+    # bit-identical output is promised for the same hardware and thread count, any number of processes.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"}
+    build_args = ["-m", "builder.cli", "build", "tiny", "--model", "random-tiny", "--no-progress", "--out"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no"]
+    for cmd in (launch + build_args + [str(tmp_path / "two")], [sys.executable] + build_args + [str(tmp_path / "one")]):
+        result = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    built, expected = decoded_rows(tmp_path / "two"), decoded_rows(tmp_path / "one")
+    assert built.keys() == expected.keys()
+    assert all(np.array_equal(built[k][0], expected[k][0]) and built[k][1] == expected[k][1] for k in expected)
+    manifest = json.loads((tmp_path / "two" / "tiny" / "manifest.json").read_text())
+    assert [e["sha256"] for e in manifest["shards"]] == [
+        e["sha256"] for e in json.loads((tmp_path / "one" / "tiny" / "manifest.json").read_text())["shards"]]
+
+
+def test_unknown_config_is_rejected_with_the_list():
+    result = run_cli("build", "5k", "--model", "random-tiny")
+    assert result.returncode == 2 and "unknown HSFace config '5k'" in result.stderr and "10k" in result.stderr
+
+
+def test_unwritable_output_folder_is_reported(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(BuildError, match="cannot write"):
+        build(TINY, blocker / "out", progress=False)
+
+
+def test_folder_with_other_parameters_is_refused_and_left_intact(tiny_build, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_build[0], out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(BuildError, match=r"different parameters \(seed\)"):
+        build(TINY.replace(seed=1), out, progress=False)
+    assert before == {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+
+def test_push_uploads_the_card_and_every_shard(tiny_build):
+    class RecordingHub:
+        def __init__(self):
+            self.calls = []
+
+        def create_repo(self, repo_id, **kwargs):
+            self.calls.append(("create_repo", repo_id, kwargs))
+
+        def create_commit(self, repo_id, operations, **kwargs):
+            self.calls.append(("create_commit", repo_id, [op.path_in_repo for op in operations], kwargs))
+            return "commit"
+
+    hub = RecordingHub()
+    push_dataset(tiny_build[0], "me/hsface-tiny", api=hub)
+    assert hub.calls[0][:2] == ("create_repo", "me/hsface-tiny") and hub.calls[0][2]["repo_type"] == "dataset"
+    uploaded = hub.calls[1][2]
+    assert "README.md" in uploaded
+    assert {"tiny/train-00000-of-00002.parquet", "tiny/train-00001-of-00002.parquet", "tiny/sample_grid.png"} <= set(uploaded)
+    assert not any(".manifest" in p or ".incomplete" in p for p in uploaded)
+
+
+def test_sample_grid_is_a_real_picture(tiny_build):
+    grid = Image.open(tiny_build[0] / "tiny" / "sample_grid.png")
+    assert grid.size[0] >= 5 * 112 and grid.size[1] >= 4 * 112
+    assert np.asarray(grid.convert("L")).std() > 1  # not a blank canvas
+    with open(tiny_build[0] / "tiny" / "sample_grid.png", "rb") as f:
+        assert Image.open(io.BytesIO(f.read())).format == "PNG"
