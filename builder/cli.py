@@ -32,7 +32,8 @@ def _push(args) -> int:
 def _convert(args) -> int:
     from vec2face_model.pipeline_vec2face import Vec2FacePipeline
 
-    pipe = Vec2FacePipeline.from_official(args.official_dir, prior_features=args.prior_features)
+    heads = {k: v for k, v in (("num_heads", args.num_heads), ("decoder_num_heads", args.decoder_num_heads)) if v}
+    pipe = Vec2FacePipeline.from_official(args.official_dir, prior_features=args.prior_features, **heads)
     pipe.save_pretrained(args.out_dir)
     missing = [name for name in ("recognizer", "quality", "pose", "prior") if getattr(pipe, name) is None]
     print(f"wrote {args.out_dir}" + (f" (without: {', '.join(missing)})" if missing else ""))
@@ -66,6 +67,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("official_dir")
     c.add_argument("out_dir")
     c.add_argument("--prior-features", help=".npy [N,512] identity features to fit the identity prior on")
+    c.add_argument("--num-heads", type=int, help="encoder heads (only for generators other than the released one: 12)")
+    c.add_argument("--decoder-num-heads", type=int, help="decoder heads (released: 16)")
     c.set_defaults(run=_convert)
     return p
 

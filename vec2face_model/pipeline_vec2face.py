@@ -324,7 +324,8 @@ class Vec2FacePipeline(DiffusionPipeline):
     def from_pretrained(cls, pretrained_model_name_or_path, prior_features=None, **kwargs) -> "Vec2FacePipeline":
         """A local folder (diffusers format or official layout), a preset name, or a Hub repo id.
 
-        The official repo id fetches only the four weight files and the prior features (the repo
+        For the official layout, ``kwargs`` are generator config overrides (head counts of a
+        non-released generator size); otherwise they go to diffusers. The official repo id fetches only the four weight files and the prior features (the repo
         also holds a 42 GB training LMDB). Offline, an unreachable repo id raises an error that
         says how to pass a local folder instead.
         """
@@ -334,7 +335,7 @@ class Vec2FacePipeline(DiffusionPipeline):
         path = Path(name).expanduser()
         if path.is_dir():
             if (path / OFFICIAL_FILES["generator"]).exists():
-                return cls.from_official(path, prior_features=prior_features)
+                return cls.from_official(path, prior_features=prior_features, **kwargs)
             return super().from_pretrained(path, **kwargs)
         if path.exists() or name.count("/") != 1:
             raise FileNotFoundError(f"{name}: not a folder, preset ({', '.join(PRESETS)}) or Hub repo id (owner/name)")
