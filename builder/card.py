@@ -119,5 +119,11 @@ def write_card(out_dir: str | Path) -> Path:
         if not (out_dir / name / "sample_grid.png").exists():
             write_sample_grid(out_dir / name, info["manifest"])
     path = out_dir / "README.md"
-    path.write_text(render_card(out_dir, configs))
+    card = render_card(out_dir, configs)
+    if path.exists():  # keep the sections `hsface analyze` wrote
+        from .analyze import analysis_sections, replace_card_section
+
+        for config, body in analysis_sections(path.read_text()).items():
+            card = replace_card_section(card, config, body)
+    path.write_text(card)
     return path

@@ -70,6 +70,10 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--num-heads", type=int, help="encoder heads (only for generators other than the released one: 12)")
     c.add_argument("--decoder-num-heads", type=int, help="decoder heads (released: 16)")
     c.set_defaults(run=_convert)
+
+    from .analyze import add_parser as add_analyze
+
+    add_analyze(sub)
     return p
 
 
@@ -77,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, OSError, RuntimeError) as err:
+    except (ValueError, TypeError, OSError, RuntimeError) as err:
         print(f"hsface {args.command}: error: {err}", file=sys.stderr)
         return 2
 

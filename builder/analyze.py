@@ -1,0 +1,477 @@
+"""``hsface analyze``: face-recognition features of a dataset -> the metrics of :mod:`vec2face_model.analysis`.
+
+    hsface analyze ./hsface --config tiny --recognizer random-tiny
+
+Features are extracted once per (dataset fingerprint, recognizer weights) and cached as a ``.npz``
+file, so re-running with other thresholds or a reference set costs no forward passes. Outputs:
+``report.json``, ``summary.md``, PNG plots and ``sample_grid.png`` in ``--out``. On a folder built by
+``hsface build`` the plots are also copied to ``<folder>/<config>/analysis/`` and an
+``## Analysis (`<config>`)`` section of its ``README.md``, between HTML comment markers, is
+replaced (or inserted once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vec2face_model.analysis import analyze_features, save_sample_grid, write_report
+from vec2face_model.conventions import from_pil
+from vec2face_model.models.iresnet import IResNet
+from vec2face_model.pipeline_vec2face import OFFICIAL_FILES, OFFICIAL_REPO_ID, PRESETS, Vec2FacePipeline
+
+__all__ = [
+    "DEFAULT_CACHE_DIR",
+    "add_parser",
+    "analysis_sections",
+    "analyze_dataset",
+    "extract_features",
+    "load_recognizer",
+    "recognizer_hash",
+    "replace_card_section",
+]
+
+DEFAULT_CACHE_DIR = Path("~/.cache/hsface/features")
+ANALYSIS_DIR = "analysis"  # under <built folder>/<config>/
+GRID_IDENTITIES = 8
+GRID_IMAGES = 8
+
+
+# --- recognizer -------------------------------------------------------------------------------
+
+
+def recognizer_hash(model: torch.nn.Module) -> str:
+    """sha256 of the weights: every state-dict key and its tensor's bytes, in state-dict order.
+
+    The same digest as the builder's provenance record, so an analysis can be matched to the
+    recognizer a dataset was generated with.
+    """
+    digest = hashlib.sha256()
+    for key, tensor in model.state_dict().items():
+        digest.update(key.encode())
+        # reshape(-1): a 0-d tensor (BatchNorm's num_batches_tracked) cannot be viewed as bytes
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _official_recognizer_file() -> Path:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(OFFICIAL_REPO_ID, OFFICIAL_FILES["recognizer"]))
+    except Exception as err:  # offline, not cached, no access: all end in the same advice
+        raise FileNotFoundError(
+            f"no recognizer given and the official ArcFace weights ({OFFICIAL_REPO_ID}/{OFFICIAL_FILES['recognizer']}) "
+            f"are not available ({type(err).__name__}). Pass --recognizer: an IResNet folder (save_pretrained), "
+            "an official .pth, a Vec2FacePipeline folder, or 'random-tiny' for a smoke run."
+        ) from err
+
+
+def load_recognizer(name_or_path: str | os.PathLike | None = None) -> IResNet:
+    """An IResNet in eval mode, from one of:
+
+    * ``None``: the official ArcFace R100 weights of the official Vec2Face Hub repository (from the
+      local Hub cache, or downloaded when online);
+    * ``"random-tiny"``: the recognizer of the random-weight preset pipeline (smoke runs only);
+    * a ``.pth``/``.pt``/``.safetensors`` file with official IResNet weights;
+    * a folder written by ``IResNet.save_pretrained``;
+    * a ``Vec2FacePipeline`` folder (diffusers layout: its ``recognizer`` subfolder; official
+      layout: ``weights/arcface-r100-glint360k.pth``).
+    """
+    if name_or_path is None:
+        return IResNet.from_official(_official_recognizer_file()).eval()
+    name = str(name_or_path)
+    if name in PRESETS:
+        return copy.deepcopy(_preset_recognizer(name))
+    path = Path(name).expanduser()
+    if path.is_file():
+        return IResNet.from_official(path).eval()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"recognizer {name!r}: no such file or folder. Pass an IResNet folder, an official .pth, "
+            f"a Vec2FacePipeline folder, or a preset ({', '.join(PRESETS)})."
+        )
+    if (path / "model_index.json").exists():
+        if not (path / "recognizer" / "config.json").exists():
+            raise ValueError(f"{path} is a Vec2FacePipeline folder without a recognizer component; pass --recognizer explicitly")
+        return IResNet.from_pretrained(path / "recognizer").eval()
+    if (path / OFFICIAL_FILES["recognizer"]).exists():
+        return IResNet.from_official(path / OFFICIAL_FILES["recognizer"]).eval()
+    if (path / "config.json").exists():
+        return IResNet.from_pretrained(path).eval()
+    raise ValueError(
+        f"{path}: neither an IResNet folder (config.json), a Vec2FacePipeline folder (model_index.json) "
+        f"nor an official folder ({OFFICIAL_FILES['recognizer']})"
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _preset_recognizer(name: str) -> IResNet:
+    # Building a preset pipeline fits its identity prior (seconds); the recognizer is all we need, once.
+    return Vec2FacePipeline.from_preset(name).recognizer.eval()
+
+
+def _describe_recognizer(name_or_path, model: IResNet) -> dict:
+    if isinstance(name_or_path, torch.nn.Module):
+        source = f"<{type(name_or_path).__name__} object>"
+    elif name_or_path is None:
+        source = f"{OFFICIAL_REPO_ID}/{OFFICIAL_FILES['recognizer']}"
+    else:
+        source = str(name_or_path)
+    return {
+        "source": source,
+        "class": type(model).__name__,
+        "config": {k: v for k, v in dict(model.config).items() if not k.startswith("_")},
+        "sha256": recognizer_hash(model),
+        "random_weights": source in PRESETS,
+    }
+
+
+# --- features ---------------------------------------------------------------------------------
+
+
+def _to_pil(image):
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, dict):  # an undecoded datasets.Image value
+        if image.get("bytes") is not None:
+            return Image.open(io.BytesIO(image["bytes"]))
+        if image.get("path"):
+            return Image.open(image["path"])
+    raise TypeError(f"the image column must hold PIL images or {{'bytes', 'path'}} dicts, got {type(image).__name__}")
+
+
+def _cache_path(dataset, recognizer: torch.nn.Module, cache_dir) -> Path:
+    fingerprint = getattr(dataset, "_fingerprint", None)
+    if not fingerprint:
+        raise TypeError("feature caching needs a datasets.Dataset (with a fingerprint); pass a map-style Dataset, not an IterableDataset")
+    cache_dir = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser()
+    return cache_dir / f"{fingerprint}-{recognizer_hash(recognizer)[:16]}.npz"
+
+
+def _check_columns(dataset) -> None:
+    missing = {"image", "label"} - set(dataset.column_names)
+    if missing:
+        raise ValueError(f"the dataset needs 'image' and 'label' columns; it has {dataset.column_names} (missing {sorted(missing)})")
+
+
+def extract_features(dataset, recognizer: IResNet, batch_size: int = 64, cache_dir=None, progress: bool = True):
+    """Raw recognizer features ``float32 [N, D]`` and labels ``int64 [N]`` of every row, in row order.
+
+    ``dataset`` is a ``datasets.Dataset`` with ``image`` (aligned 112x112 face crops) and integer
+    ``label`` columns. The result is cached in ``cache_dir`` (default ``~/.cache/hsface/features``)
+    under the dataset fingerprint and the recognizer's weight hash; a later call with the same
+    pair loads it without running the recognizer. The recognizer runs on its own device and dtype,
+    in eval mode (its previous mode is restored).
+    """
+    from tqdm.auto import tqdm
+
+    _check_columns(dataset)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    label_dtype = str(getattr(dataset.features["label"], "dtype", ""))
+    if not label_dtype.startswith(("int", "uint")):
+        raise TypeError(f"the label column must hold integer identity ids, got {dataset.features['label']}; map names to ints first")
+    path = _cache_path(dataset, recognizer, cache_dir)
+    if path.exists():
+        with np.load(path) as cached:
+            features, labels = cached["features"], cached["labels"]
+        if len(features) == len(labels) == len(dataset):
+            return features, labels
+        # a cache file for this key with another row count is stale (interrupted writer); recompute
+
+    parameter = next(recognizer.parameters())
+    features = np.empty((len(dataset), recognizer.config.num_features), dtype=np.float32)
+    labels = np.empty(len(dataset), dtype=np.int64)
+    was_training = recognizer.training
+    recognizer.eval()
+    bar = tqdm(total=len(dataset), disable=not progress, desc="hsface analyze: features", unit="img", dynamic_ncols=True)
+    try:
+        start = 0
+        with torch.inference_mode():
+            for batch in dataset.select_columns(["image", "label"]).with_format(None).iter(batch_size=batch_size):
+                images = from_pil([_to_pil(image) for image in batch["image"]])
+                end = start + len(images)
+                features[start:end] = recognizer(images.to(parameter.device, parameter.dtype)).float().cpu().numpy()
+                labels[start:end] = batch["label"]
+                start = end
+                bar.update(len(images))
+    finally:
+        bar.close()
+        recognizer.train(was_training)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, features=features, labels=labels)
+    os.replace(tmp, path)  # readers never see a half-written cache file
+    return features, labels
+
+
+def _load_reference(path) -> np.ndarray:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"reference features {path}: no such file (expected .npy or .safetensors [R, D] features)")
+    if path.suffix == ".npy":
+        return np.load(path)
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        tensors = load_file(str(path))
+        if len(tensors) == 1:
+            return next(iter(tensors.values()))
+        if "features" in tensors:
+            return tensors["features"]
+        raise ValueError(f"{path} holds several tensors ({', '.join(tensors)}); store the reference under the name 'features'")
+    raise ValueError(f"reference features {path}: unsupported file type; use .npy or .safetensors")
+
+
+# --- dataset card -----------------------------------------------------------------------------
+
+
+def _markers(config: str) -> tuple[str, str]:
+    return f"<!-- hsface-analyze:{config}:start -->", f"<!-- hsface-analyze:{config}:end -->"
+
+
+def analysis_sections(card: str) -> dict[str, str]:
+    """{config: section body} of every analysis section in ``card`` (markers excluded).
+
+    For card writers that regenerate ``README.md``: carry these over with :func:`replace_card_section`.
+    """
+    sections = {}
+    for match in re.finditer(r"<!-- hsface-analyze:(.+?):start -->\n(.*?)<!-- hsface-analyze:\1:end -->", card, re.DOTALL):
+        sections[match.group(1)] = match.group(2)
+    return sections
+
+
+def replace_card_section(card: str, config: str, body: str) -> str:
+    """``card`` with the analysis section of ``config`` set to ``body`` (between its markers).
+
+    An existing section is replaced in place; otherwise the section goes before ``## Citation``,
+    or at the end. Running it twice gives the same card as running it once.
+    """
+    start, end = _markers(config)
+    section = f"{start}\n{body.strip()}\n{end}\n"
+    if card.count(start) != card.count(end) or card.count(start) > 1:
+        raise ValueError(
+            f"the card has {card.count(start)} start and {card.count(end)} end markers for {config!r}; "
+            f"remove the broken '{start}' ... '{end}' block by hand and run again"
+        )
+    if start in card:
+        head, rest = card.split(start, 1)
+        tail = rest.split(end, 1)[1]
+        return head + section.rstrip("\n") + tail
+    citation = card.find("\n## Citation")
+    if citation >= 0:
+        return card[: citation + 1] + section + "\n" + card[citation + 1 :]
+    return card.rstrip("\n") + "\n\n" + section
+
+
+def _card_section(report: dict, config: str, summary_md: str, files: list[str]) -> str:
+    prefix = f"{config}/{ANALYSIS_DIR}"
+    recognizer = report["recognizer"]
+    lines = [f"## Analysis (`{config}`)", ""]
+    if recognizer["random_weights"]:
+        lines += [f"> **Random-weight recognizer (`{recognizer['source']}`): these numbers say nothing about face identity.** "
+                  "For smoke runs only.", ""]
+    lines += [
+        f"Features of {report['num_images']:,} images from recognizer `{recognizer['source']}` "
+        f"(weights sha256 `{recognizer['sha256'][:16]}…`), computed by `hsface analyze`. "
+        f"Full report: [{prefix}/report.json]({prefix}/report.json).",
+    ]
+    if recognizer.get("same_as_generation"):
+        lines[-1] += " This is the recognizer that guided the generation, so the numbers are optimistic."
+    # the library's summary, one heading level down and with links relative to the card
+    for line in summary_md.splitlines()[1:]:
+        if line.startswith("#"):
+            line = "#" + line
+        elif line.startswith("!["):
+            name = line[line.index("(") + 1 : line.rindex(")")]
+            line = f"![{name}]({prefix}/{name})"
+        lines.append(line)
+    if "sample_grid.png" in files:
+        lines += ["", f"![samples of the first identities]({prefix}/sample_grid.png)"]
+    return "\n".join(lines).strip() + "\n"
+
+
+def _built_config(path: Path, config: str | None) -> str | None:
+    """The config name when ``path`` is a folder written by ``hsface build`` holding it, else None."""
+    if not (path / "README.md").is_file():
+        return None
+    if config is None:
+        built = sorted(p.parent.name for p in path.glob("*/generation.json"))
+        return built[0] if len(built) == 1 else None
+    return config if (path / config / "generation.json").is_file() else None
+
+
+def _publish_to_folder(out_dir: Path, files: list[Path], target: Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    names = {f.name for f in files}
+    for stale in target.glob("*.png"):  # e.g. leakage.png from an earlier run with --reference
+        if stale.name not in names:
+            stale.unlink()
+    if target.resolve() != out_dir.resolve():
+        for file in files:
+            shutil.copyfile(file, target / file.name)
+
+
+# --- the analysis -----------------------------------------------------------------------------
+
+
+def _load_train_split(path_or_repo, config: str | None):
+    import datasets
+
+    path = str(path_or_repo)
+    if Path(path).expanduser().is_dir():
+        # datasets keys the Arrow cache of a local folder with a YAML `configs:` card on the folder's
+        # name, the config and the file *patterns* only: a rebuilt folder, or another folder of the
+        # same name, would read stale rows. The resolved files carry paths and mtimes into the key.
+        files = datasets.load_dataset_builder(path, config).config.data_files
+        if files:
+            return datasets.load_dataset(path, config, split="train", data_files=files)
+    return datasets.load_dataset(path, config, split="train")
+
+
+def _first_identities_grid(dataset, labels: np.ndarray, path: Path, num_identities: int, num_images: int) -> Path:
+    chosen: dict[int, list[int]] = {}
+    for index, label in enumerate(labels.tolist()):
+        if label in chosen:
+            if len(chosen[label]) < num_images:
+                chosen[label].append(index)
+        elif len(chosen) < num_identities:
+            chosen[label] = [index]
+        elif all(len(rows) >= num_images for rows in chosen.values()):
+            break
+    indices = [i for rows in chosen.values() for i in rows]
+    images = dataset.select_columns(["image"]).select(indices)["image"]
+    pixels = np.stack([np.asarray(_to_pil(image).convert("RGB")) for image in images])
+    return save_sample_grid(pixels, labels[indices], path, ncols=max(len(rows) for rows in chosen.values()))
+
+
+def analyze_dataset(
+    path_or_repo: str | os.PathLike,
+    config: str | None = None,
+    recognizer: str | os.PathLike | IResNet | None = None,
+    reference: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike | None = None,
+    num_pairs: int = 100_000,
+    seed: int = 0,
+    write_card_section: bool = True,
+    *,
+    batch_size: int = 64,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict:
+    """Analyse the ``train`` split of a dataset and write the report; returns the report dict.
+
+    ``path_or_repo`` and ``config`` go to ``datasets.load_dataset``. ``recognizer``: see
+    :func:`load_recognizer` (or an IResNet). ``reference``: ``.npy``/``.safetensors`` features
+    ``[R, D]`` enabling the leakage check. ``out_dir`` receives ``report.json``, ``summary.md``,
+    the plots and ``sample_grid.png``; it defaults to ``<folder>/<config>/analysis`` for a folder
+    built by ``hsface build`` and to ``./hsface-analysis/<config>`` otherwise. For a built folder
+    with ``write_card_section``, the outputs are copied to ``<folder>/<config>/analysis`` and the
+    config's section of ``<folder>/README.md`` is regenerated.
+    """
+    local = Path(path_or_repo).expanduser()
+    built = _built_config(local, config) if local.is_dir() else None
+    config = config or built
+    if out_dir is None:
+        out_dir = local / built / ANALYSIS_DIR if built else Path("hsface-analysis") / (config or "default")
+    out_dir = Path(out_dir)
+
+    # Load the recognizer first: its errors are quicker to hit than a dataset load.
+    try:
+        model = recognizer if isinstance(recognizer, torch.nn.Module) else load_recognizer(recognizer)
+    except FileNotFoundError as err:
+        hint = _preset_hint(local, built) if recognizer is None else None
+        raise FileNotFoundError(f"{err}{hint or ''}") from err
+    reference_features = _load_reference(reference) if reference is not None else None
+    dataset = _load_train_split(path_or_repo, config)
+
+    features, labels = extract_features(dataset, model, batch_size=batch_size, cache_dir=cache_dir, progress=progress)
+    report = analyze_features(features, labels, reference_features, num_pairs=num_pairs, seed=seed)
+    report["dataset"] = {"path": str(path_or_repo), "config": config, "split": "train", "fingerprint": dataset._fingerprint}
+    report["recognizer"] = _describe_recognizer(recognizer, model)
+    # Scoring a dataset with the recognizer that steered its generation flatters it: say so.
+    report["recognizer"]["same_as_generation"] = _generation_recognizer_hash(local, built) == report["recognizer"]["sha256"] if built else None
+    if reference is not None:
+        report["leakage"]["reference_path"] = str(reference)
+
+    files = write_report(report, out_dir)
+    files.append(_first_identities_grid(dataset, labels, out_dir / "sample_grid.png", GRID_IDENTITIES, GRID_IMAGES))
+    if built and write_card_section:
+        _publish_to_folder(out_dir, files, local / built / ANALYSIS_DIR)
+        card_path = local / "README.md"
+        section = _card_section(report, built, (out_dir / "summary.md").read_text(), [f.name for f in files])
+        card = replace_card_section(card_path.read_text(), built, section)
+        tmp = card_path.with_name(f".README.md.{os.getpid()}.tmp")
+        tmp.write_text(card)
+        os.replace(tmp, card_path)
+    return report
+
+
+def _generation_recognizer_hash(local: Path, built: str) -> str | None:
+    try:
+        generation = json.loads((local / built / "generation.json").read_text())
+        return generation["provenance"]["components"]["recognizer"]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _preset_hint(local: Path, built: str | None) -> str | None:
+    if not built:
+        return None
+    try:
+        preset = json.loads((local / built / "generation.json").read_text())["provenance"].get("preset")
+    except (OSError, ValueError, KeyError, AttributeError):
+        return None
+    return f" (this dataset was built with the {preset!r} preset: pass --recognizer {preset})" if preset else None
+
+
+# --- command line -----------------------------------------------------------------------------
+
+
+def _run(args: argparse.Namespace) -> int:
+    report = analyze_dataset(
+        args.dataset, args.config, recognizer=args.recognizer, reference=args.reference, out_dir=args.out,
+        num_pairs=args.num_pairs, seed=args.seed, write_card_section=not args.no_card,
+        batch_size=args.batch_size, cache_dir=args.cache_dir, progress=not args.no_progress,
+    )
+    intra, inter, verification = report["intra_class"], report["inter_class"], report["verification"]
+    eer = "n/a" if verification["eer"] is None else f"{verification['eer']:.4f}"
+    print(f"{report['num_images']} images, {report['num_identities']} identities: intra-class noise "
+          f"{intra['fraction_below']:.2%}, inter-class noise {inter['fraction_above']:.2%}, EER {eer}")
+    if report["recognizer"]["random_weights"]:
+        print("note: random-weight recognizer; the numbers are for smoke runs only")
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``analyze`` on an ``argparse`` subparsers object; ``args.run(args)`` returns the exit code."""
+    a = subparsers.add_parser("analyze", help="face-recognition feature analysis of a dataset: report.json, summary, plots")
+    a.add_argument("dataset", help="a folder built by `hsface build`, another image/label dataset folder, or a Hub dataset repo id")
+    a.add_argument("--config", help="dataset config (e.g. tiny, 10k); optional when the folder holds one")
+    a.add_argument("--recognizer", help="IResNet folder, official .pth, Vec2FacePipeline folder, or 'random-tiny' "
+                                        "(default: the official ArcFace weights)")
+    a.add_argument("--reference", help=".npy/.safetensors [R, 512] features (e.g. real identity centres) for the leakage check")
+    a.add_argument("--out", help="output folder (default: <folder>/<config>/analysis for a built folder, else ./hsface-analysis/<config>)")
+    a.add_argument("--num-pairs", type=int, default=100_000, help="genuine and impostor pairs sampled for EER/TAR (default 100000)")
+    a.add_argument("--seed", type=int, default=0, help="seed of the pair sampling")
+    a.add_argument("--batch-size", type=int, default=64)
+    a.add_argument("--cache-dir", help=f"feature cache (default {DEFAULT_CACHE_DIR})")
+    a.add_argument("--no-card", action="store_true", help="leave the dataset card of a built folder alone")
+    a.add_argument("--no-progress", action="store_true")
+    a.set_defaults(run=_run)
+    return a
