@@ -12,7 +12,7 @@ def _build(args) -> int:
     from .config import get_config
 
     config = get_config(args.config, model=args.model, seed=args.seed, identities_per_shard=args.shard_size,
-                        batch_size=args.batch_size, image_format=args.image_format)
+                        batch_size=args.batch_size, image_format=args.image_format, precision=args.precision)
     result = build(config, args.out, progress=not args.no_progress)
     if result.num_rows:  # main process only
         print(f"{result.config_dir}: {result.num_rows} images in {config.num_shards} shard(s) "
@@ -54,6 +54,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--shard-size", type=int, help="identities per shard")
     b.add_argument("--batch-size", type=int)
     b.add_argument("--image-format", choices=["jpeg", "png"])
+    b.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision (default fp32, the official numerics)")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(run=_build)
 

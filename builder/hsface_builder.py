@@ -92,6 +92,7 @@ def generate_shard_examples(
         batch_size=config.batch_size,
         progress=False,
         on_images=on_images,
+        precision=config.precision,
     )
     examples = []
     for r in range(len(out.labels)):

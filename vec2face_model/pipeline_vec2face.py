@@ -43,6 +43,10 @@ OFFICIAL_PRIOR_FEATURES = "center_feature_examples.npy"
 
 PRESETS = ("random-tiny",)
 
+# Reduced precision runs matrix products under autocast; attention logits stay float32 (as the
+# official model keeps them), so bf16 changes images by rounding only (see bench/bench_decode.py).
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 @dataclass(frozen=True)
 class AttrOPSchedule:
@@ -134,6 +138,7 @@ class Vec2FacePipeline(DiffusionPipeline):
         batch_size: int = 32,
         progress: bool = True,
         on_images: Callable[[int], None] | None = None,
+        precision: str = "fp32",
     ) -> Vec2FacePipelineOutput:
         """Generate ``images_per_identity`` faces for each identity.
 
@@ -141,9 +146,13 @@ class Vec2FacePipeline(DiffusionPipeline):
         ``num_identities`` fresh samples from the prior with pairwise cosine ≤ ``tau``.
         ``refine_identities`` runs the official identity-refinement AttrOP pass (quality only) first.
         ``on_images(n)`` is called as images are finished (for a caller's progress bar).
+        ``precision`` "bf16"/"fp16" runs the networks under autocast (opt-in: changes pixels by rounding).
         """
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        autocast = torch.autocast(self.device.type, dtype=PRECISIONS[precision] or torch.bfloat16, enabled=precision != "fp32")
         # 1. identities (section 3.2)
         if identity_vectors is None:
             if num_identities is None:
@@ -172,7 +181,7 @@ class Vec2FacePipeline(DiffusionPipeline):
         quality = torch.full((count,), float("nan"))
         success = torch.zeros(count, dtype=torch.bool)
 
-        with tqdm(total=count, disable=not progress, desc="Vec2Face", unit="img") as bar:
+        with autocast, tqdm(total=count, disable=not progress, desc="Vec2Face", unit="img") as bar:
             # 4. plain decoding
             plain = torch.nonzero(target_yaw.isnan()).flatten()
             for rows in plain.split(batch_size):

@@ -278,7 +278,10 @@ def infer_iresnet_config(state_dict: StateDict, source: str = "<state dict>") ->
     se_keys = {"residual": "layer1.0.se.fc1.weight", "shortcut_first": "layer1.0.attn.fc1.weight"}
     present = [mode for mode, key in se_keys.items() if key in state_dict]
     if len(present) > 1:
-        raise WeightsLoadError(f"{source}: has both 'se.' and 'attn.' squeeze-excitation keys; not an IResNet layout we know")
+        raise WeightsLoadError(
+            f"{source}: has both 'se.' (residual) and 'attn.' (shortcut) squeeze-excitation keys; "
+            "not an IResNet layout we know"
+        )
     config["use_se"] = bool(present)
     if present:
         config["se_mode"] = present[0]
