@@ -1,0 +1,45 @@
+"""Shared helpers for the benchmark scripts: timing and the machine's matrix-multiply peak.
+
+Benchmarks report ratios measured in one run (this machine is noisy): every script measures the
+GEMM peak itself, before and after its timed work, and divides by the higher of the two.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def timed(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
+    """Median wall-clock seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def gemm_peak_gflops(dtype: torch.dtype = torch.float32, size: int = 2048, device: str = "cpu", repeats: int = 5) -> float:
+    """Achieved GFLOP/s of a square matrix product (2·n³ FLOP), the practical peak of this machine."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    seconds = timed(lambda: a @ b, repeats=repeats, warmup=2)
+    return 2 * size**3 / seconds / 1e9
+
+
+def describe_machine() -> str:
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {torch.get_num_threads()} torch threads, {gpu}, torch {torch.__version__}"
