@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -37,3 +38,13 @@ def reference_file(relative: str) -> Path:
 @pytest.fixture
 def reference():
     return reference_file
+
+
+def assert_state_dict_matches_manifest(model, manifest_relative: str) -> dict:
+    """Keys (order-insensitive), shapes and dtypes of ``model.state_dict()`` equal an official manifest."""
+    manifest = json.loads(reference_file(manifest_relative).read_text())
+    ours = {k: (list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in model.state_dict().items()}
+    theirs = {e["key"]: (e["shape"], e["dtype"]) for e in manifest["state_dict"]}
+    assert ours == theirs
+    assert sum(p.numel() for p in model.parameters()) == manifest["num_params"]
+    return manifest

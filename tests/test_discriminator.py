@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -10,17 +9,15 @@ import torch
 from vec2face_model.convert import WeightsLoadError
 from vec2face_model.models.discriminator import PatchDiscriminator, cross_embed_widths
 
+from conftest import assert_state_dict_matches_manifest
+
 TINY = dict(dims=[16, 32], groups=4)
 
 
-def test_default_config_matches_official_manifest(reference):
-    manifest = json.loads(reference("manifests/patch_discriminator_dims_64_128_256_512.json").read_text())
+def test_default_config_matches_official_manifest():
     with torch.device("meta"):
         model = PatchDiscriminator()
-    ours = {k: (list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in model.state_dict().items()}
-    theirs = {e["key"]: (e["shape"], e["dtype"]) for e in manifest["state_dict"]}
-    assert ours == theirs
-    assert sum(p.numel() for p in model.parameters()) == manifest["num_params"]
+    assert_state_dict_matches_manifest(model, "manifests/patch_discriminator_dims_64_128_256_512.json")
 
 
 def test_default_output_is_11x11_patch_logits():

@@ -18,6 +18,8 @@ from vec2face_model.models.generator import (
     truncated_normal_ppf,
 )
 
+from conftest import assert_state_dict_matches_manifest
+
 # The fixture generator's sizes (fixtures/meta.json); heads cannot be inferred from weights.
 FIXTURE_HEADS = dict(num_heads=4, decoder_num_heads=4)
 TINY = dict(embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4,
@@ -129,14 +131,10 @@ def test_image_of_a_vector_does_not_depend_on_the_rest_of_the_batch():
     torch.testing.assert_close(batch[1:2], alone, atol=1e-4, rtol=1e-4)
 
 
-def test_default_config_matches_official_manifest(reference):
-    manifest = json.loads(reference("manifests/vec2face_vit_base_patch16_generator.json").read_text())
+def test_default_config_matches_official_manifest():
     with torch.device("meta"):
         model = Vec2Face()
-    ours = {k: (list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in model.state_dict().items()}
-    theirs = {e["key"]: (e["shape"], e["dtype"]) for e in manifest["state_dict"]}
-    assert ours == theirs
-    assert sum(p.numel() for p in model.parameters()) == 174_126_998
+    assert_state_dict_matches_manifest(model, "manifests/vec2face_vit_base_patch16_generator.json")
 
 
 def test_save_pretrained_round_trip_is_bit_exact(tmp_path):

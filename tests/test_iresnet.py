@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -19,6 +18,8 @@ from vec2face_model.models.iresnet import (
     magface_quality,
     se_iresnet50,
 )
+
+from conftest import assert_state_dict_matches_manifest
 
 TINY = dict(layers=[1, 1, 1, 1], num_features=32)
 
@@ -66,14 +67,10 @@ def test_magface_quality_is_the_feature_norm(fixture_model_and_io):
     torch.testing.assert_close(quality, io["feature_l2_norm"][:, 0], atol=1e-5, rtol=1e-5)
 
 
-def test_iresnet100_matches_official_manifest(reference):
-    manifest = json.loads(reference("manifests/iresnet100_arcface_magface.json").read_text())
+def test_iresnet100_matches_official_manifest():
     with torch.device("meta"):
         model = iresnet100()
-    ours = {k: (list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in model.state_dict().items()}
-    theirs = {e["key"]: (e["shape"], e["dtype"]) for e in manifest["state_dict"]}
-    assert ours == theirs
-    assert sum(p.numel() for p in model.parameters()) == manifest["num_params"]
+    manifest = assert_state_dict_matches_manifest(model, "manifests/iresnet100_arcface_magface.json")
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == manifest["num_params_requires_grad"]
 
 

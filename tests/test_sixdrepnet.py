@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -16,6 +15,8 @@ from vec2face_model.models.sixdrepnet import (
     rotation_matrix_from_6d,
     sixdrepnet_repvgg_b1g2,
 )
+
+from conftest import assert_state_dict_matches_manifest
 
 TINY = dict(num_blocks=[1, 2, 2, 1], width_multipliers=[0.25, 0.25, 0.25, 0.25])
 
@@ -88,14 +89,10 @@ def test_yaw_gradient_reaches_the_6d_input():
     assert (six_d.grad.abs().sum(dim=1) > 0).all()
 
 
-def test_default_config_matches_official_manifest(reference):
-    manifest = json.loads(reference("manifests/sixdrepnet_repvgg_b1g2_deploy.json").read_text())
+def test_default_config_matches_official_manifest():
     with torch.device("meta"):
         model = sixdrepnet_repvgg_b1g2()
-    ours = {k: (list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in model.state_dict().items()}
-    theirs = {e["key"]: (e["shape"], e["dtype"]) for e in manifest["state_dict"]}
-    assert ours == theirs
-    assert sum(p.numel() for p in model.parameters()) == manifest["num_params"]
+    assert_state_dict_matches_manifest(model, "manifests/sixdrepnet_repvgg_b1g2_deploy.json")
     grouped = {name for name, module in model.named_modules() if isinstance(module, torch.nn.Conv2d) and module.groups == 2}
     odd_positions = {1: range(1, 4, 2), 2: range(1, 6, 2), 3: range(1, 16, 2)}
     assert grouped == {f"layer{stage}.{i}.rbr_reparam" for stage, positions in odd_positions.items() for i in positions}

@@ -37,12 +37,11 @@ class WeightsLoadError(ValueError):
     """A weight file could not be read, or does not fit the model it was loaded into."""
 
 
-def read_weights(path: str | os.PathLike, key: str | None = None) -> StateDict:
+def read_weights(path: str | os.PathLike, key: str | None = None, prefer: tuple[str, ...] = CHECKPOINT_STATE_DICT_KEYS) -> StateDict:
     """Read a state dict from a ``.safetensors`` or official ``.pth``/``.pt``/``.bin`` file.
 
     ``key`` picks an entry of a checkpoint dict (e.g. ``"model_vec2face"``); without it, the
-    first of :data:`CHECKPOINT_STATE_DICT_KEYS` present is used, or the file itself when it is a
-    plain state dict.
+    first of ``prefer`` present is used, or the file itself when it is a plain state dict.
     """
     path = Path(path)
     if not path.is_file():
@@ -57,7 +56,7 @@ def read_weights(path: str | os.PathLike, key: str | None = None) -> StateDict:
             raise WeightsLoadError(f"{path}: not a readable safetensors file (truncated or corrupt?): {err}") from err
     else:
         obj = _torch_load_restricted(path)
-    return unwrap_state_dict(obj, key=key, source=str(path))
+    return unwrap_state_dict(obj, key=key, source=str(path), prefer=prefer)
 
 
 def _torch_load_restricted(path: Path):
@@ -75,7 +74,9 @@ def _torch_load_restricted(path: Path):
         raise WeightsLoadError(f"{path}: not a readable PyTorch weight file (truncated or corrupt?): {err}") from err
 
 
-def unwrap_state_dict(obj, key: str | None = None, source: str = "<state dict>") -> StateDict:
+def unwrap_state_dict(
+    obj, key: str | None = None, source: str = "<state dict>", prefer: tuple[str, ...] = CHECKPOINT_STATE_DICT_KEYS
+) -> StateDict:
     """Return the tensor mapping inside a checkpoint container (or ``obj`` itself)."""
     if not isinstance(obj, Mapping):
         raise WeightsLoadError(f"{source}: expected a state dict or checkpoint dict, found {type(obj).__name__}.")
@@ -84,13 +85,13 @@ def unwrap_state_dict(obj, key: str | None = None, source: str = "<state dict>")
             raise WeightsLoadError(f"{source}: checkpoint has no entry {key!r}; entries: {sorted(map(str, obj))[:10]}.")
         obj = obj[key]
     elif not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        for candidate in CHECKPOINT_STATE_DICT_KEYS:
+        for candidate in prefer:
             if isinstance(obj.get(candidate), Mapping):
                 obj = obj[candidate]
                 break
         else:
             raise WeightsLoadError(
-                f"{source}: a checkpoint dict without a state dict under any of {CHECKPOINT_STATE_DICT_KEYS}; "
+                f"{source}: a checkpoint dict without a state dict under any of {prefer}; "
                 f"entries: {sorted(map(str, obj))[:10]}."
             )
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
@@ -131,3 +132,18 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, torc
     for k, v in expected.items():  # tolerated absences keep the model's own value
         full.setdefault(k, v)
     model.load_state_dict(full, strict=True)
+
+
+def load_official_model(cls, path_or_state_dict, infer_config, overrides: dict, prefer: tuple[str, ...] = CHECKPOINT_STATE_DICT_KEYS):
+    """The shared ``from_official``: read (or unwrap) the weights, build ``cls`` from the config the
+    weights determine (``infer_config(state_dict, source)``) updated with ``overrides``, load
+    strictly, return in eval mode."""
+    if isinstance(path_or_state_dict, (str, os.PathLike)):
+        source = str(path_or_state_dict)
+        state_dict = read_weights(path_or_state_dict, prefer=prefer)
+    else:
+        source = "<state dict>"
+        state_dict = unwrap_state_dict(path_or_state_dict, source=source, prefer=prefer)
+    model = cls(**{**infer_config(state_dict, source), **overrides})
+    load_state_dict_strict(model, state_dict, source)
+    return model.eval()

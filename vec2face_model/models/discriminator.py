@@ -18,7 +18,7 @@ from diffusers import ModelMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import nn
 
-from ..convert import StateDict, WeightsLoadError, load_state_dict_strict, read_weights, unwrap_state_dict
+from ..convert import StateDict, WeightsLoadError, load_official_model
 
 __all__ = ["PatchDiscriminator", "cross_embed_widths", "infer_discriminator_config"]
 
@@ -140,22 +140,8 @@ class PatchDiscriminator(ModelMixin, ConfigMixin):
         under ``model_disc``; ``dims``, ``channels`` and the stem kernels are read off the weights
         (``groups`` cannot be and defaults to 8). Loads strictly; returns the model in eval mode.
         """
-        if isinstance(path_or_state_dict, (str, Path)):
-            source = str(path_or_state_dict)
-            try:
-                state_dict = read_weights(path_or_state_dict, key=CHECKPOINT_KEY)
-            except WeightsLoadError as err:
-                if CHECKPOINT_KEY not in str(err):
-                    raise
-                state_dict = read_weights(path_or_state_dict)  # a plain state dict file
-        else:
-            source = "<state dict>"
-            obj = path_or_state_dict
-            state_dict = unwrap_state_dict(obj, key=CHECKPOINT_KEY if CHECKPOINT_KEY in obj else None, source=source)
-        config = {**infer_discriminator_config(state_dict, source), **overrides}
-        model = cls(**config)
-        load_state_dict_strict(model, state_dict, source)
-        return model.eval()
+        # a training checkpoint holds both models: prefer model_disc over model_vec2face
+        return load_official_model(cls, path_or_state_dict, infer_discriminator_config, overrides, prefer=(CHECKPOINT_KEY,))
 
 
 def infer_discriminator_config(state_dict: StateDict, source: str = "<state dict>") -> dict:

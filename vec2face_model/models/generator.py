@@ -35,7 +35,7 @@ from timm.layers import Mlp, PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from ..convert import StateDict, WeightsLoadError, load_state_dict_strict, read_weights
+from ..convert import StateDict, WeightsLoadError, load_official_model
 
 NUM_FEATURE_TOKENS = 49  # 7x7 map, hard-coded in the official model
 SEQUENCE_LENGTH = NUM_FEATURE_TOKENS + 1  # plus the identity token at position 0
@@ -467,18 +467,7 @@ class Vec2Face(ModelMixin, ConfigMixin):
         Head counts cannot be read off the weights: they default to the released model's values
         (12 encoder, 16 decoder) and can be overridden, as can the mask-ratio settings.
         """
-        if isinstance(path_or_state_dict, (str, Path)):
-            source = str(path_or_state_dict)
-            state_dict = read_weights(path_or_state_dict)  # unwraps checkpoint['model_vec2face']
-        else:
-            source = "<state dict>"
-            state_dict = dict(path_or_state_dict)
-            if "model_vec2face" in state_dict:
-                state_dict = state_dict["model_vec2face"]
-        config = {**infer_generator_config(state_dict, source), **overrides}
-        model = cls(**config)
-        load_state_dict_strict(model, state_dict, source)
-        return model.eval()
+        return load_official_model(cls, path_or_state_dict, infer_generator_config, overrides)  # unwraps checkpoint["model_vec2face"]
 
 
 def _uniform_row_count(mask: torch.Tensor, name: str) -> int:

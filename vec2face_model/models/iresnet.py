@@ -34,7 +34,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from ..convert import StateDict, WeightsLoadError, load_state_dict_strict, read_weights, unwrap_state_dict
+from ..convert import StateDict, WeightsLoadError, load_official_model
 
 __all__ = [
     "SE_MODES",
@@ -243,16 +243,7 @@ class IResNet(ModelMixin, ConfigMixin):
         ``overrides`` set the rest (e.g. ``dropout``) or force values. Loads strictly; returns the
         model in eval mode.
         """
-        if isinstance(path_or_state_dict, (str, Path)):
-            source = str(path_or_state_dict)
-            state_dict = read_weights(path_or_state_dict)
-        else:
-            source = "<state dict>"
-            state_dict = unwrap_state_dict(path_or_state_dict, source=source)
-        config = {**infer_iresnet_config(state_dict, source), **overrides}
-        model = cls(**config)
-        load_state_dict_strict(model, state_dict, source)
-        return model.eval()
+        return load_official_model(cls, path_or_state_dict, infer_iresnet_config, overrides)
 
 
 def _block_counts(state_dict: StateDict) -> list[int]:

@@ -27,7 +27,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import nn
 
 from ..conventions import to_pose_input
-from ..convert import StateDict, WeightsLoadError, load_state_dict_strict, read_weights, unwrap_state_dict
+from ..convert import StateDict, WeightsLoadError, load_official_model
 
 __all__ = [
     "SixDRepNet",
@@ -197,16 +197,7 @@ class SixDRepNet(ModelMixin, ConfigMixin):
         Training-mode RepVGG checkpoints (``rbr_dense``/``rbr_1x1`` branches) are not supported:
         re-parameterise them first.
         """
-        if isinstance(path_or_state_dict, (str, Path)):
-            source = str(path_or_state_dict)
-            state_dict = read_weights(path_or_state_dict)
-        else:
-            source = "<state dict>"
-            state_dict = unwrap_state_dict(path_or_state_dict, source=source)
-        config = {**infer_sixdrepnet_config(state_dict, source), **overrides}
-        model = cls(**config)
-        load_state_dict_strict(model, state_dict, source)
-        return model.eval()
+        return load_official_model(cls, path_or_state_dict, infer_sixdrepnet_config, overrides)
 
 
 def infer_sixdrepnet_config(state_dict: StateDict, source: str = "<state dict>") -> dict:
