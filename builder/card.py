@@ -81,6 +81,9 @@ def render_card(out_dir: Path, configs: dict[str, dict]) -> str:
         f"ds = load_dataset({str(out_dir)!r}, {next(iter(configs), 'tiny')!r}, split='train')",
         "```",
         "",
+        "After rebuilding a folder, load it with `download_mode='force_redownload'`: `datasets` caches a local "
+        "folder under its name, not its content.",
+        "",
         "Configs not listed here are not built yet: `hsface build CONFIG --out " + str(out_dir) + "` makes them "
         "(10k, 20k, 100k, 200k, 300k, tiny).",
         "",
