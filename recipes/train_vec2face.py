@@ -43,7 +43,8 @@ Where this deliberately differs from the official ``vec2face.py`` (ARCHITECTURE.
   reproduces the official leak of the generator's GAN gradient into it), and is neither run nor
   stepped before ``gan_start_epoch`` (officially it runs with loss factor 0 and its AdamW step
   still applies weight decay). The GAN weight is a constant ``loss_gan`` (the official adaptive
-  weight is dead code; ``gan_adaptive_weight=true`` enables VQGAN's rule with ``gan_disc_weight``).
+  weight is dead code; ``gan_adaptive_weight=true`` enables VQGAN's rule with ``gan_disc_weight``,
+  computed per process from its local batch).
 * The generator's unused ``patch_embed`` and ``center_token`` (kept for strict loading of official
   weights) are frozen instead of being decayed towards zero by AdamW.
 * Every random draw is keyed by (seed, step, rank): masks, dropout, data order. A resumed run
@@ -233,7 +234,8 @@ class TrainConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     # The official README run (4 GPUs x 32): lr 4e-5*128/112 as the code computes it.
     "paper": dict(lr_scale_divisor=112.0),
-    # Smoke tests on CPU: tiny generator and discriminator, random LPIPS trunk, GAN from epoch 1.
+    # Smoke tests on CPU: tiny generator and discriminator, random LPIPS trunk (not a perceptual
+    # distance: never for real training), GAN from epoch 1.
     "tiny": dict(
         generator_arch="tiny", disc_dims=(16, 32), batch_size=2, epochs=4, warmup_epochs=0.0, gan_start_epoch=1.0,
         lr=1e-3, lpips_random_backbone=True, num_workers=0, log_every=1, feature_batch_size=16, mixed_precision="no",

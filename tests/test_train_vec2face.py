@@ -398,7 +398,6 @@ def test_overfit_run_in_process_lowers_the_loss(tiny_data, tmp_path, reset_accel
         after = torch.rand(3)
     assert torch.equal(before, after)  # the caller's RNG state is left alone
     losses = [entry["loss"] for entry in result.history]
-    print("overfit losses", [round(v, 4) for v in losses])
     assert len(losses) == 12 and all(math.isfinite(v) for v in losses)
     assert np.mean(losses[-4:]) < 0.93 * np.mean(losses[:4]), losses
     assert all(not entry["gan_active"] for entry in result.history)
