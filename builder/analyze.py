@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import hashlib
 import io
 import json
 import os
@@ -28,6 +27,7 @@ import torch
 
 from vec2face_model.analysis import analyze_features, save_sample_grid, write_report
 from vec2face_model.conventions import from_pil
+from vec2face_model.convert import weights_sha256
 from vec2face_model.models.iresnet import IResNet
 from vec2face_model.pipeline_vec2face import OFFICIAL_FILES, OFFICIAL_REPO_ID, PRESETS, Vec2FacePipeline
 
@@ -52,17 +52,9 @@ GRID_IMAGES = 8
 
 
 def recognizer_hash(model: torch.nn.Module) -> str:
-    """sha256 of the weights: every state-dict key and its tensor's bytes, in state-dict order.
-
-    The same digest as the builder's provenance record, so an analysis can be matched to the
-    recognizer a dataset was generated with.
-    """
-    digest = hashlib.sha256()
-    for key, tensor in model.state_dict().items():
-        digest.update(key.encode())
-        # reshape(-1): a 0-d tensor (BatchNorm's num_batches_tracked) cannot be viewed as bytes
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    """sha256 of the recognizer's weights: the builder's provenance digest (:func:`weights_sha256`),
+    so an analysis can be matched to the recognizer a dataset was generated with."""
+    return weights_sha256(model)
 
 
 def _official_recognizer_file() -> Path:

@@ -16,7 +16,6 @@ result is identical for any number of processes and across interruptions.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -24,6 +23,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from vec2face_model.convert import weights_sha256
 
 from .card import write_card
 from .config import HSFaceConfig
@@ -54,11 +55,7 @@ def model_provenance(pipe) -> dict:
         module = getattr(pipe, name, None)
         if module is None:
             continue
-        digest = hashlib.sha256()
-        for key, tensor in module.state_dict().items():
-            digest.update(key.encode())
-            digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-        components[name] = {"class": type(module).__name__, "sha256": digest.hexdigest()}
+        components[name] = {"class": type(module).__name__, "sha256": weights_sha256(module)}
     return {"preset": pipe.config.get("preset"), "components": components}
 
 

@@ -78,6 +78,7 @@ import torch
 from torch import nn
 
 from vec2face_model.models.generator import TRAINING_MASK_RATIO
+from vec2face_model.convert import weights_sha256
 from vec2face_model.seeding import derive_seed
 
 try:  # inside the repository (tests, `python -m recipes.train_vec2face`)
@@ -463,11 +464,8 @@ def load_training_dataset(config: TrainConfig):
 
 
 def _module_digest(module: nn.Module) -> str:
-    digest = hashlib.sha256(json.dumps(dict(getattr(module, "config", {})), sort_keys=True, default=str).encode())
-    for key, tensor in module.state_dict().items():
-        digest.update(key.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    config = json.dumps(dict(getattr(module, "config", {})), sort_keys=True, default=str)
+    return hashlib.sha256((config + weights_sha256(module)).encode()).hexdigest()
 
 
 def add_identity_features(ds, recognizer: nn.Module, image_column: str, feature_column: str, batch_size: int, device) -> Any:

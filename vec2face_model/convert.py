@@ -16,6 +16,7 @@ released files as they are): no key renaming is needed, only unwrapping of check
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import pickle
 import zipfile
@@ -132,6 +133,20 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, torc
     for k, v in expected.items():  # tolerated absences keep the model's own value
         full.setdefault(k, v)
     model.load_state_dict(full, strict=True)
+
+
+def weights_sha256(module: torch.nn.Module) -> str:
+    """sha256 of a module's weights: every state-dict key and its tensor's bytes, in state-dict order.
+
+    The one weight fingerprint of the project (dataset provenance, analysis feature caches, recipe
+    caches), so a digest computed in one place can be matched against one recorded in another.
+    """
+    digest = hashlib.sha256()
+    for key, tensor in module.state_dict().items():
+        digest.update(key.encode())
+        # reshape(-1): a 0-d tensor (BatchNorm's num_batches_tracked) cannot be viewed as bytes
+        digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def load_official_model(cls, path_or_state_dict, infer_config, overrides: dict, prefer: tuple[str, ...] = CHECKPOINT_STATE_DICT_KEYS):
