@@ -43,3 +43,17 @@ def describe_machine() -> str:
     cpu = platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     return f"{cpu}, {torch.get_num_threads()} torch threads, {gpu}, torch {torch.__version__}"
+
+
+def calibrate_batchnorm(model: torch.nn.Module, batch: int = 16, seed: int = 0) -> torch.nn.Module:
+    """Give a random-weight network finite outputs: BatchNorm running statistics from one pass over
+    random images (a random IResNet-100 with unit running variances overflows to inf/NaN)."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: one pass sets the statistics exactly
+    images = torch.rand(batch, 3, 112, 112, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    model.train()
+    with torch.no_grad():
+        model(images)
+    return model.eval()

@@ -8,15 +8,25 @@ from pathlib import Path
 
 
 def _build(args) -> int:
+    import torch
+
+    from vec2face_model.performance import reuse_freed_memory
+    from vec2face_model.timing import format_split
+
     from .build import build
     from .config import get_config
 
     config = get_config(args.config, model=args.model, seed=args.seed, identities_per_shard=args.shard_size,
-                        batch_size=args.batch_size, image_format=args.image_format, precision=args.precision)
-    result = build(config, args.out, progress=not args.no_progress)
+                        batch_size=args.batch_size, image_format=args.image_format, precision=args.precision,
+                        torch_compile=args.compile or None)
+    if not torch.cuda.is_available():
+        reuse_freed_memory()  # same images, faster CPU decoding (see its docstring and bench/bench_decode.py)
+    result = build(config, args.out, progress=not args.no_progress, encode_threads=args.encode_threads)
     if result.num_rows:  # main process only
         print(f"{result.config_dir}: {result.num_rows} images in {config.num_shards} shard(s) "
               f"({len(result.shards_written)} written now, {len(result.shards_skipped)} already finished)")
+        # encode and write run in a writer thread, overlapping the rest; "wait for writer" is what showed
+        print(f"time: {format_split(result.timings, result.seconds)}")
         print(f"Next: from datasets import load_dataset; ds = load_dataset({str(Path(args.out))!r}, {config.name!r}, split='train')")
     return 0
 
@@ -55,6 +65,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int)
     b.add_argument("--image-format", choices=["jpeg", "png"])
     b.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision (default fp32, the official numerics)")
+    b.add_argument("--compile", action="store_true", help="decode through torch.compile (faster; pixels differ by rounding)")
+    b.add_argument("--encode-threads", type=int, help="threads encoding images (default 1; up to 8 for PNG with a GPU)")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(run=_build)
 

@@ -15,7 +15,7 @@ from vec2face_model.pipeline_vec2face import OFFICIAL_REPO_ID, PRECISIONS, AttrO
 CONTENT_FIELDS = (
     "num_identities", "images_per_identity", "tau", "sigmas", "fractions", "min_similarity",
     "attrop_groups", "attrop_quality", "attrop_max_steps", "attrop_lr", "refine_identities",
-    "refine_max_steps", "seed", "identities_per_shard", "image_format", "precision", "model",
+    "refine_max_steps", "seed", "identities_per_shard", "image_format", "precision", "torch_compile", "model",
 )
 
 
@@ -44,6 +44,7 @@ class HSFaceConfig(datasets.BuilderConfig):
     batch_size: int = 32
     image_format: str = "jpeg"  # "jpeg" (quality 95) or "png" (lossless, ~5x larger)
     precision: str = "fp32"  # "bf16"/"fp16": autocast, ~2x faster on bf16-capable hardware, pixels differ by rounding
+    torch_compile: bool = False  # plain decoding through torch.compile: faster, pixels differ by rounding
     model: str = OFFICIAL_REPO_ID
 
     def __post_init__(self):

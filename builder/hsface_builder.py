@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable, Iterator
+from functools import partial
 
 import datasets
 import numpy as np
@@ -20,7 +21,7 @@ import torch
 from datasets.builder import Key
 from PIL import Image
 
-from vec2face_model.pipeline_vec2face import Vec2FacePipeline
+from vec2face_model.pipeline_vec2face import Vec2FacePipeline, Vec2FacePipelineOutput
 
 from .config import PRESETS, HSFaceConfig
 
@@ -51,6 +52,13 @@ def load_pipeline(model: str) -> Vec2FacePipeline:
     return Vec2FacePipeline.from_pretrained(model)
 
 
+def configure_pipeline(pipe: Vec2FacePipeline, config: HSFaceConfig) -> Vec2FacePipeline:
+    """Apply the config's execution options that live on the pipeline."""
+    if config.torch_compile:
+        pipe.compile_generator()
+    return pipe
+
+
 def sample_config_identities(pipe: Vec2FacePipeline, config: HSFaceConfig, progress: bool = False) -> torch.Tensor:
     """The config's identity vectors [num_identities, 512]: a pure function of (prior, tau, seed)."""
     return pipe.sample_identities(config.num_identities, tau=config.tau, seed=config.seed, progress=progress).vectors
@@ -69,16 +77,16 @@ def _optional(value: float) -> float | None:
     return None if np.isnan(value) else float(value)
 
 
-def generate_shard_examples(
+def generate_shard(
     pipe: Vec2FacePipeline,
     config: HSFaceConfig,
     identities: torch.Tensor,
     shard: int,
     on_images: Callable[[int], None] | None = None,
-) -> list[dict]:
-    """All examples of one shard, in (label, image_index) order."""
+) -> Vec2FacePipelineOutput:
+    """Pixels (uint8) and metadata of one shard's images, in (label, image_index) order."""
     ids = config.shard_identities(shard)
-    out = pipe(
+    return pipe(
         identities[ids.start : ids.stop],
         images_per_identity=config.images_per_identity,
         sigmas=config.sigmas,
@@ -94,12 +102,18 @@ def generate_shard_examples(
         on_images=on_images,
         precision=config.precision,
     )
+
+
+def shard_examples(out: Vec2FacePipelineOutput, image_format: str, map_fn: Callable = map) -> list[dict]:
+    """Dataset rows of a generated shard, images encoded; ``map_fn`` may be a thread pool's ``map``
+    (PNG's zlib step runs outside the GIL)."""
+    encoded = map_fn(partial(encode_image, image_format=image_format), out.images)
     examples = []
-    for r in range(len(out.labels)):
+    for r, image in enumerate(encoded):
         steered = not np.isnan(out.attrop_target_yaw[r])
         examples.append(
             {
-                "image": {"bytes": encode_image(out.images[r], config.image_format), "path": None},
+                "image": {"bytes": image, "path": None},
                 "label": int(out.labels[r]),
                 "image_index": int(out.image_index[r]),
                 "sigma": float(out.sigma[r]),
@@ -111,6 +125,11 @@ def generate_shard_examples(
             }
         )
     return examples
+
+
+def generate_shard_examples(pipe, config: HSFaceConfig, identities: torch.Tensor, shard: int, on_images=None) -> list[dict]:
+    """All examples of one shard, in (label, image_index) order."""
+    return shard_examples(generate_shard(pipe, config, identities, shard, on_images), config.image_format)
 
 
 class HSFace(datasets.GeneratorBasedBuilder):
@@ -133,7 +152,7 @@ class HSFace(datasets.GeneratorBasedBuilder):
         return [datasets.SplitGenerator(name=datasets.Split.TRAIN, gen_kwargs={"shards": list(range(self.config.num_shards))})]
 
     def _generate_examples(self, shards: list[int]) -> Iterator[tuple[Key, dict]]:
-        pipe = load_pipeline(self.config.model)
+        pipe = configure_pipeline(load_pipeline(self.config.model), self.config)
         identities = sample_config_identities(pipe, self.config)
         for shard in shards:
             for index, example in enumerate(generate_shard_examples(pipe, self.config, identities, shard)):

@@ -13,9 +13,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # datasets names the cache of a local folder by the folder's name, not its content: a fresh cache per
 # test session keeps results of an earlier run (same tmp folder names) out of this one.
 if "HF_DATASETS_CACHE" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="hsface-test-datasets-cache-")
+    atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = Path(os.environ.get("HSFACE_REFERENCE_DIR", PROJECT_ROOT.parent / "shared" / "reference"))

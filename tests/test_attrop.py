@@ -108,3 +108,28 @@ def test_bad_configuration_is_rejected():
     v = torch.randn(2, DIM)
     with pytest.raises(ValueError, match="pose model"):
         attrop(v, v, world.decode, world.identity, world.quality, None, AttrOPConfig(target_yaw=60))
+
+
+def test_quality_model_gets_no_backward_pass_while_every_sample_meets_the_quality_target():
+    world = ToyWorld()
+    vectors = torch.randn(6, DIM, generator=torch.Generator().manual_seed(3))
+    targets = torch.randn(6, DIM, generator=torch.Generator().manual_seed(4))
+    backward_calls = []
+
+    def watched_quality(images):
+        quality = world.quality(images)
+        if quality.requires_grad:
+            quality.register_hook(lambda grad: backward_calls.append(grad))
+        return quality
+
+    def steer(quality_fn, target_quality):
+        config = AttrOPConfig(target_yaw=20.0, target_quality=target_quality, max_steps=5, lr=0.05)
+        return attrop(vectors, targets, world.decode, world.identity, quality_fn, world.yaw, config, models=[world])
+
+    met = steer(watched_quality, target_quality=-1.0)  # a norm is never below -1: the hinge is flat
+    assert backward_calls == [] and met.steps.max() > 1
+    # the same trajectories as with a quality measure that cannot pass any gradient at all
+    detached = steer(lambda images: world.quality(images).detach(), target_quality=-1.0)
+    assert torch.equal(met.vectors, detached.vectors)
+    steer(watched_quality, target_quality=1e6)  # a shortfall everywhere: the quality gradient is used
+    assert backward_calls and any(g.abs().sum() > 0 for g in backward_calls)

@@ -94,6 +94,40 @@ def test_rerun_skips_finished_shards_and_changes_nothing(tiny_build):
     assert before == {p.name: p.read_bytes() for p in (out / "tiny").glob("train-*.parquet")}
 
 
+FOREGROUND_STAGES = ("load", "sample", "refine", "perturb", "decode", "attrop", "wait for writer", "card")
+
+
+def test_writer_thread_writes_the_same_shards_and_the_time_split_adds_up(tiny_build, tmp_path):
+    out, threaded = tiny_build
+    inline = build(TINY, tmp_path, progress=False, overlap_io=False, encode_threads=2)
+    shards = sorted(p.name for p in (out / "tiny").glob("train-*.parquet"))
+    assert shards and all((out / "tiny" / s).read_bytes() == (tmp_path / "tiny" / s).read_bytes() for s in shards)
+    for result in (threaded, inline):
+        t = result.timings
+        assert {"load", "sample", "refine", "perturb", "decode", "attrop", "encode", "write", "card"} <= t.keys()
+        # stages of the calling thread are sequential, so they cannot add up to more than the wall clock
+        assert sum(t.get(stage, 0.0) for stage in FOREGROUND_STAGES) <= result.seconds
+    assert "wait for writer" not in inline.timings  # nothing ran in the background
+
+
+def test_writer_thread_errors_reach_the_build_and_stop_it(monkeypatch, tmp_path):
+    import builder.build as build_module
+
+    written = []
+
+    def failing_write(self, shard, examples):
+        written.append(shard)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(build_module.ShardWriter, "write", failing_write)
+    config = TINY.replace(identities_per_shard=1)  # 4 shards
+    with pytest.raises(OSError, match="No space left"):
+        build(config, tmp_path, progress=False)
+    # the failure of shard 0 surfaces when shard 1 is handed over: no further shard is written
+    assert written == [0]
+    assert not list((tmp_path / "tiny").glob("train-*.parquet"))
+
+
 def test_datasets_native_builder_gives_the_same_examples(tiny_build, tmp_path):
     from builder.hsface_builder import HSFace
 

@@ -131,6 +131,20 @@ def test_image_of_a_vector_does_not_depend_on_the_rest_of_the_batch():
     torch.testing.assert_close(batch[1:2], alone, atol=1e-4, rtol=1e-4)
 
 
+def test_inference_fast_path_computes_exactly_what_autograd_mode_computes():
+    # without autograd the image decoder updates activations in place; the arithmetic must not change
+    torch.manual_seed(0)
+    model = Vec2Face(**TINY).eval()
+    vectors = torch.randn(3, 512)
+    masks = model.draw_masks(3, torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        fast = model(vectors, token_drop_mask=masks[0], token_all_mask=masks[1]).images
+    graph = model(vectors.requires_grad_(), token_drop_mask=masks[0], token_all_mask=masks[1]).images
+    assert torch.equal(fast, graph.detach())
+    graph.sum().backward()  # and the autograd path still differentiates (no in-place op on saved tensors)
+    assert vectors.grad is not None and vectors.grad.abs().sum() > 0
+
+
 def test_default_config_matches_official_manifest():
     with torch.device("meta"):
         model = Vec2Face()

@@ -60,6 +60,7 @@ def test_attrop_schedule_marks_and_measures_the_steered_images(pipe):
     assert out.image_index[steered].tolist() == [2, 3, 2, 3]
     assert np.isfinite(out.yaw[steered]).all() and np.isfinite(out.quality[steered]).all()
     assert np.isnan(out.yaw[~steered]).all() and not out.attrop_success[~steered].any()
+    assert {"sample", "perturb", "decode", "attrop"} <= out.timings.keys() and min(out.timings.values()) > 0
     with pytest.raises(ValueError, match="needs 2 images per identity"):
         pipe(num_identities=1, images_per_identity=1, attrop=schedule, progress=False)
 
@@ -144,3 +145,22 @@ def test_reference_mode_variations_and_interpolation(pipe):
     frames = pipe.interpolate(a, b, steps=5, output_type="np")
     assert frames.shape == (5, 112, 112, 3)
     assert not np.array_equal(frames[0], frames[-1])
+
+
+def test_compile_generator_routes_plain_decoding_through_torch_compile():
+    # A recording backend checks the wiring in seconds; inductor's own numerics are bench material.
+    pipe = Vec2FacePipeline.from_preset("random-tiny", seed=0)
+    identities = pipe.sample_identities(2, seed=0).vectors
+    schedule = AttrOPSchedule(groups=((1, 60.0),), config=AttrOPConfig(max_steps=1))
+    eager = pipe(identities, images_per_identity=3, attrop=schedule, seed=1, output_type="pt", progress=False)
+    graphs = []
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    pipe.compile_generator(backend=recording_backend)
+    compiled = pipe(identities, images_per_identity=3, attrop=schedule, seed=1, output_type="pt", progress=False)
+    assert graphs, "the compiled generator was never called"
+    assert torch.equal(compiled.images, eager.images)
+    assert compiled.attrop_success.tolist() == eager.attrop_success.tolist()

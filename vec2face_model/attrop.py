@@ -15,7 +15,8 @@ documented problems, ARCHITECTURE.md section 5):
   the loss is a sum over samples, which makes each trajectory independent of the batch;
 * the returned image is the one that was measured (the official code decodes once more with a
   fresh mask, which may violate the criteria it just met);
-* models are called with their weights frozen: no gradients accumulate in them.
+* models are called with their weights frozen: no gradients accumulate in them, and no backward
+  pass runs through the quality model while every remaining sample is above the quality target.
 
 Models are passed in as callables, so this module knows nothing about network classes.
 """
@@ -166,7 +167,12 @@ def attrop(
             # step only the samples that go on; finished ones are frozen at their accepted value
             optimizer.zero_grad(set_to_none=True)
             keep = (~finished).to(loss.device)
-            loss[keep].sum().backward()
+            objective = config.id_weight * id_loss + pose_loss
+            if bool((q_loss[keep] > 0).any()):
+                objective = objective + q_loss
+            # else the quality hinge is flat for every sample that goes on: leaving it out skips a
+            # backward pass through the quality model that would only add zeros to the gradient
+            objective[keep].sum().backward()
             frozen = v.detach().clone()
             optimizer.step()
             with torch.no_grad():

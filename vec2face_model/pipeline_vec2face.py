@@ -32,6 +32,7 @@ from .identity import IdentityPrior, perturb, sample_identities
 from .models.generator import Vec2Face
 from .models.iresnet import IResNet, magface_quality
 from .models.sixdrepnet import SixDRepNet
+from .timing import StageTimer
 
 OFFICIAL_REPO_ID = "BooBooWu/Vec2Face"
 OFFICIAL_FILES = {
@@ -80,6 +81,7 @@ class Vec2FacePipelineOutput(BaseOutput):
     level; cos_to_identity: cosine of the image's vector to its identity vector; attrop_target_yaw:
     NaN for plain images; yaw / quality: measured by the pose / quality models where AttrOP ran
     (NaN elsewhere); attrop_success: AttrOP met its criteria (False for plain images).
+    timings: seconds spent per stage of the call (sample, refine, perturb, decode, attrop).
     """
 
     images: list | np.ndarray | torch.Tensor
@@ -93,6 +95,7 @@ class Vec2FacePipelineOutput(BaseOutput):
     quality: np.ndarray
     identity_vectors: torch.Tensor
     vectors: torch.Tensor
+    timings: dict[str, float] | None = None
 
 
 class Vec2FacePipeline(DiffusionPipeline):
@@ -154,21 +157,25 @@ class Vec2FacePipeline(DiffusionPipeline):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         autocast = torch.autocast(self.device.type, dtype=PRECISIONS[precision] or torch.bfloat16, enabled=precision != "fp32")
+        clock = StageTimer(self.device)
         # 1. identities (section 3.2)
         if identity_vectors is None:
             if num_identities is None:
                 raise ValueError("pass identity_vectors or num_identities")
-            identity_vectors = self.sample_identities(num_identities, tau=tau, seed=seed).vectors
+            with clock.stage("sample"):
+                identity_vectors = self.sample_identities(num_identities, tau=tau, seed=seed).vectors
         identities = torch.as_tensor(np.asarray(identity_vectors) if isinstance(identity_vectors, np.ndarray) else identity_vectors)
         identities = identities.float().to(self.device)
         # 2. optional refinement: AttrOP towards quality only, the identity being its own target
         if refine_identities is not None:
-            identities = self.refine(identities, refine_identities, seed=seed, identity_offset=identity_offset, batch_size=batch_size)
+            with clock.stage("refine"):
+                identities = self.refine(identities, refine_identities, seed=seed, identity_offset=identity_offset, batch_size=batch_size)
         # 3. perturbation into per-image vectors
-        perturbed = perturb(
-            identities, images_per_identity, sigmas=sigmas, fractions=fractions,
-            min_similarity=min_similarity, seed=seed, identity_offset=identity_offset,
-        )
+        with clock.stage("perturb"):
+            perturbed = perturb(
+                identities, images_per_identity, sigmas=sigmas, fractions=fractions,
+                min_similarity=min_similarity, seed=seed, identity_offset=identity_offset,
+            )
         vectors = perturbed.vectors.to(self.device)
         labels = perturbed.identity_index.cpu()
         image_index = perturbed.image_index.cpu()
@@ -183,25 +190,27 @@ class Vec2FacePipeline(DiffusionPipeline):
         quality = torch.full((count,), float("nan"))
         success = torch.zeros(count, dtype=torch.bool)
 
+        def finished(rows: torch.Tensor) -> None:
+            bar.update(len(rows))
+            if on_images is not None:
+                on_images(len(rows))
+
         with autocast, tqdm(total=count, disable=not progress, desc="Vec2Face", unit="img") as bar:
             # 4. plain decoding
-            plain = torch.nonzero(target_yaw.isnan()).flatten()
-            for rows in plain.split(batch_size):
-                images.put(rows, self.decode(vectors[rows], labels[rows], image_index[rows], seed=seed))
-                bar.update(len(rows))
-                if on_images is not None:
-                    on_images(len(rows))
+            with clock.stage("decode"):
+                for rows in torch.nonzero(target_yaw.isnan()).flatten().split(batch_size):
+                    images.put(rows, self.decode(vectors[rows], labels[rows], image_index[rows], seed=seed))
+                    finished(rows)
             # 5. AttrOP for the scheduled pose images (section 3.3)
-            for target in target_yaw[~target_yaw.isnan()].unique().tolist():
-                config = AttrOPConfig(**{**attrop.config.__dict__, "target_yaw": target})
-                for rows in torch.nonzero(target_yaw == target).flatten().split(batch_size):
-                    result = self.steer(vectors[rows], identities[labels[rows] - identity_offset], labels[rows], image_index[rows], config, seed=seed)
-                    vectors[rows] = result.vectors.to(vectors.dtype)
-                    images.put(rows, result.images)
-                    yaw[rows], quality[rows], success[rows] = result.yaw, result.quality, result.success
-                    bar.update(len(rows))
-                    if on_images is not None:
-                        on_images(len(rows))
+            with clock.stage("attrop"):
+                for target in target_yaw[~target_yaw.isnan()].unique().tolist():
+                    config = AttrOPConfig(**{**attrop.config.__dict__, "target_yaw": target})
+                    for rows in torch.nonzero(target_yaw == target).flatten().split(batch_size):
+                        result = self.steer(vectors[rows], identities[labels[rows] - identity_offset], labels[rows], image_index[rows], config, seed=seed)
+                        vectors[rows] = result.vectors.to(vectors.dtype)
+                        images.put(rows, result.images)
+                        yaw[rows], quality[rows], success[rows] = result.yaw, result.quality, result.success
+                        finished(rows)
 
         cos = cosine(vectors, identities[labels - identity_offset]).cpu()
         return Vec2FacePipelineOutput(
@@ -216,6 +225,7 @@ class Vec2FacePipeline(DiffusionPipeline):
             quality=quality.numpy(),
             identity_vectors=identities.cpu(),
             vectors=vectors.detach().cpu(),
+            timings=clock.as_dict(),
         )
 
     def sample_identities(self, num_identities: int, *, tau: float = 0.3, seed: int = 0, exclude=None, exclude_tau: float = 0.4, progress: bool = False):
@@ -231,11 +241,22 @@ class Vec2FacePipeline(DiffusionPipeline):
     def decode(self, vectors: torch.Tensor, labels: torch.Tensor, image_index: torch.Tensor, *, seed: int, stream: int = seeding.STREAM_MASK, iteration: int | None = None) -> torch.Tensor:
         """Vectors -> images [B,3,112,112] (unclipped), each with its own keyed mask generator."""
         keys = [(seed, stream, int(i), int(j)) + (() if iteration is None else (iteration,)) for i, j in zip(labels, image_index)]
-        generators = [seeding.keyed_generator(*k) for k in keys]
+        drop, masked = self.generator.draw_masks(len(keys), [seeding.keyed_generator(*k) for k in keys])
         if torch.is_grad_enabled() and vectors.requires_grad:
-            return self.generator(vectors, generator=generators).images
+            return self.generator(vectors, token_drop_mask=drop, token_all_mask=masked).images
+        generator = getattr(self, "_compiled_generator", None)
+        generator = self.generator if generator is None else generator
         with torch.inference_mode():
-            return self.generator(vectors.to(self.generator.dtype), generator=generators).images.float()
+            return generator(vectors.to(self.generator.dtype), token_drop_mask=drop, token_all_mask=masked).images.float()
+
+    def compile_generator(self, **compile_options) -> None:
+        """Decode plain images through ``torch.compile(generator, **compile_options)``.
+
+        Opt-in: fused kernels change pixels by float rounding (about 1e-4), and every new batch
+        size compiles first (about a minute for the full-size model on a CPU; a C++ compiler is
+        needed there). AttrOP keeps the eager generator, whose gradients are the reference ones.
+        """
+        self._compiled_generator = torch.compile(self.generator, **compile_options)
 
     def steer(self, vectors, identity_vectors, labels, image_index, config: AttrOPConfig, *, seed: int, stream: int = seeding.STREAM_ATTROP_MASK):
         """AttrOP on a batch of vectors, with per-(identity, image, iteration) masks."""
