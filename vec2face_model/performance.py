@@ -1,8 +1,8 @@
-"""Opt-in speed settings that need a decision from the caller (they touch the whole process).
+"""Speed settings that touch the whole process, so the caller decides (``hsface build`` does on CPU).
 
-Neither changes what is computed: ``reuse_freed_memory`` is a malloc setting (bit-identical
-images); the numerics-changing options (``precision``, ``compile``) live on the pipeline.
-Measured effects are in ``bench/bench_decode.py`` and the README's performance section.
+``reuse_freed_memory`` is a malloc setting and changes no result. The options that change pixels
+by rounding (``precision``, ``compile_generator``) live on the pipeline. Measured effects:
+``bench/bench_decode.py`` and the README's performance section.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ def reuse_freed_memory(enabled: bool = True) -> bool:
 
     A CPU decode allocates and frees tens of 12-50 MB activations per batch; by default glibc
     serves each from fresh ``mmap`` pages and returns them on free, so every batch pays page faults
-    on ~1 GB (about 15% of decode time on the project's 2-core machine). With this on, the peak
-    footprint of a batch stays mapped and is reused: resident memory no longer shrinks between
-    batches. ``enabled=False`` restores glibc's defaults. Returns False (and does nothing) where
-    the C library is not glibc.
+    on ~1 GB (decoding runs 1.06x / 1.16x / 1.25x faster without that at batch 1 / 8 / 32 on the
+    project's 2-core machine). With this on, the peak footprint of a batch stays mapped and is
+    reused: resident memory no longer shrinks between batches. ``enabled=False`` restores glibc's
+    default values. Returns False (and does nothing) where the C library is not glibc.
     """
     if not sys.platform.startswith("linux"):
         return False
