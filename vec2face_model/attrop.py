@@ -143,7 +143,8 @@ def attrop(
             id_loss, quality, q_loss, yaw, pose_loss = attrop_losses(
                 images, identity_vectors[idx], identity_fn, quality_fn, yaw_fn, config
             )
-            loss = config.id_weight * id_loss + q_loss + pose_loss
+            without_quality = config.id_weight * id_loss + pose_loss
+            loss = without_quality + q_loss
             history.append(float(loss.detach().mean()))
             met = (id_loss <= config.id_threshold) & (q_loss <= config.quality_tolerance) & (pose_loss <= config.yaw_tolerance)
             last = iteration == config.max_steps - 1
@@ -167,11 +168,9 @@ def attrop(
             # step only the samples that go on; finished ones are frozen at their accepted value
             optimizer.zero_grad(set_to_none=True)
             keep = (~finished).to(loss.device)
-            objective = config.id_weight * id_loss + pose_loss
-            if bool((q_loss[keep] > 0).any()):
-                objective = objective + q_loss
-            # else the quality hinge is flat for every sample that goes on: leaving it out skips a
-            # backward pass through the quality model that would only add zeros to the gradient
+            # When the quality hinge is flat for every sample that goes on, leaving it out skips a
+            # backward pass through the quality model that would only add zeros to the gradient.
+            objective = loss if bool((q_loss[keep] > 0).any()) else without_quality
             objective[keep].sum().backward()
             frozen = v.detach().clone()
             optimizer.step()
