@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vec2face_model.convert import weights_sha256
+from vec2face_model.errors import HSFaceError
 from vec2face_model.pipeline_vec2face import Vec2FacePipeline, Vec2FacePipelineOutput
 from vec2face_model.timing import StageTimer
 
@@ -42,7 +43,7 @@ GENERATION_FILE = "generation.json"
 IDENTITIES_FILE = "identities.safetensors"
 
 
-class BuildError(RuntimeError):
+class BuildError(HSFaceError, RuntimeError):
     """The build cannot proceed as asked; the message says what to do."""
 
 

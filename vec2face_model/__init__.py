@@ -5,6 +5,7 @@ resolve them in ``Vec2FacePipeline.from_pretrained`` (it never imports modules n
 """
 
 from .attrop import AttrOPConfig, AttrOPResult, attrop
+from .errors import HSFaceError, HubUnreachableError, InvalidInputError
 from .convert import WeightsLoadError, load_state_dict_strict, read_weights
 from .identity import IdentityPrior, perturb, sample_identities
 from .models.discriminator import PatchDiscriminator
@@ -14,7 +15,7 @@ from .models.sixdrepnet import SixDRepNet
 from .pipeline_vec2face import AttrOPSchedule, Vec2FacePipeline, Vec2FacePipelineOutput
 
 __all__ = [
-    "AttrOPConfig", "AttrOPResult", "AttrOPSchedule", "IResNet", "IdentityPrior", "PatchDiscriminator",
+    "AttrOPConfig", "AttrOPResult", "AttrOPSchedule", "HSFaceError", "HubUnreachableError", "InvalidInputError", "IResNet", "IdentityPrior", "PatchDiscriminator",
     "SixDRepNet", "Vec2Face", "Vec2FaceOutput", "Vec2FacePipeline", "Vec2FacePipelineOutput",
     "WeightsLoadError", "attrop", "iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200",
     "load_state_dict_strict", "magface_quality", "perturb", "read_weights", "sample_identities",

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import HSFaceError
+
 # What the official training checkpoints pickle besides tensors. Nothing else is unpickled.
 OFFICIAL_PICKLE_ALLOWLIST = [argparse.Namespace]
 
@@ -34,7 +36,7 @@ CHECKPOINT_STATE_DICT_KEYS = ("model_vec2face", "state_dict", "model")
 StateDict = dict[str, torch.Tensor]
 
 
-class WeightsLoadError(ValueError):
+class WeightsLoadError(HSFaceError, ValueError):
     """A weight file could not be read, or does not fit the model it was loaded into."""
 
 

@@ -28,6 +28,7 @@ import torch
 from diffusers import ModelMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 
+from .errors import HSFaceError
 from .feature_math import cosine, l2_normalize, rescale_to_norm
 
 __all__ = [
@@ -188,7 +189,7 @@ class IdentityPrior(ModelMixin, ConfigMixin):
 # --------------------------------------------------------------------------------------------------
 
 
-class SamplingBudgetError(RuntimeError):
+class SamplingBudgetError(HSFaceError, RuntimeError):
     """``sample_identities`` ran out of draws before finding ``n`` vectors."""
 
     def __init__(self, message: str, *, num_found: int, num_drawn: int, acceptance_rate: float):
@@ -451,7 +452,7 @@ def sample_identities(
 # --------------------------------------------------------------------------------------------------
 
 
-class PerturbationError(RuntimeError):
+class PerturbationError(HSFaceError, RuntimeError):
     """A perturbed vector stayed below ``min_similarity`` after ``max_redraws`` redraws."""
 
 
