@@ -24,7 +24,8 @@ def _build(args) -> int:
     result = build(config, args.out, progress=not args.no_progress, encode_threads=args.encode_threads)
     if result.num_rows:  # main process only
         print(f"{result.config_dir}: {result.num_rows} images in {config.num_shards} shard(s) "
-              f"({len(result.shards_written)} written now, {len(result.shards_skipped)} already finished)")
+              f"({len(result.shards_written)} shard(s) with {result.images_written} images written now by all "
+              f"processes, {len(result.shards_skipped)} already finished)")
         # encode and write run in a writer thread, overlapping the rest; "wait for writer" is what showed
         print(f"time: {format_split(result.timings, result.seconds)}")
         print(f"Next: from datasets import load_dataset; ds = load_dataset({str(Path(args.out))!r}, {config.name!r}, split='train')")

@@ -9,13 +9,19 @@ from dataclasses import dataclass
 import datasets
 
 from vec2face_model.attrop import AttrOPConfig
+from vec2face_model.errors import InvalidInputError
 from vec2face_model.pipeline_vec2face import OFFICIAL_REPO_ID, PRECISIONS, AttrOPSchedule
 
-# Fields that define the dataset's content: a folder built with other values is another dataset.
+# Fields that change the dataset's bytes: a folder built with other values is another dataset, and
+# a rerun with other values is refused. batch_size is one of them: identity refinement and AttrOP run
+# Adam on the vectors, whose first steps move by about lr * sign(gradient), so the last-bit rounding
+# differences of differently shaped batches grow into visibly different images (and early stopping
+# changes which samples share a batch). Shards are the unit of work, so identities_per_shard too.
 CONTENT_FIELDS = (
     "num_identities", "images_per_identity", "tau", "sigmas", "fractions", "min_similarity",
     "attrop_groups", "attrop_quality", "attrop_max_steps", "attrop_lr", "refine_identities",
-    "refine_max_steps", "seed", "identities_per_shard", "image_format", "precision", "torch_compile", "model",
+    "refine_max_steps", "seed", "identities_per_shard", "batch_size", "image_format", "precision",
+    "torch_compile", "model",
 )
 
 
@@ -52,12 +58,13 @@ class HSFaceConfig(datasets.BuilderConfig):
         self.sigmas = tuple(float(s) for s in self.sigmas)
         self.fractions = tuple(float(f) for f in self.fractions)
         self.attrop_groups = tuple((int(c), float(y)) for c, y in self.attrop_groups)
-        if self.num_identities < 1 or self.images_per_identity < 1 or self.identities_per_shard < 1:
-            raise ValueError("num_identities, images_per_identity and identities_per_shard must be positive")
+        for name in ("num_identities", "images_per_identity", "identities_per_shard", "batch_size"):
+            if getattr(self, name) < 1:
+                raise InvalidInputError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.image_format not in ("jpeg", "png"):
-            raise ValueError(f"image_format must be 'jpeg' or 'png', got {self.image_format!r}")
+            raise InvalidInputError(f"image_format must be 'jpeg' or 'png', got {self.image_format!r}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+            raise InvalidInputError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.attrop_groups:
             self.attrop_schedule().target_yaws(self.images_per_identity)  # validates the schedule fits
 
@@ -72,7 +79,7 @@ class HSFaceConfig(datasets.BuilderConfig):
     def shard_identities(self, shard: int) -> range:
         """Global identity indices of a shard (shards are contiguous identity ranges)."""
         if not 0 <= shard < self.num_shards:
-            raise ValueError(f"shard {shard} out of range 0..{self.num_shards - 1}")
+            raise InvalidInputError(f"shard {shard} out of range 0..{self.num_shards - 1}")
         start = shard * self.identities_per_shard
         return range(start, min(start + self.identities_per_shard, self.num_identities))
 
@@ -95,7 +102,7 @@ class HSFaceConfig(datasets.BuilderConfig):
     def replace(self, **changes) -> "HSFaceConfig":
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
-            raise ValueError(f"unknown config field(s): {sorted(unknown)}")
+            raise InvalidInputError(f"unknown config field(s): {sorted(unknown)}")
         return dataclasses.replace(self, **changes)
 
 
@@ -115,6 +122,6 @@ PRESETS["tiny"] = HSFaceConfig(
 
 def get_config(name: str, **overrides) -> HSFaceConfig:
     if name not in PRESETS:
-        raise ValueError(f"unknown HSFace config {name!r}; available: {', '.join(PRESETS)}")
+        raise InvalidInputError(f"unknown HSFace config {name!r}; available: {', '.join(PRESETS)}")
     overrides = {k: v for k, v in overrides.items() if v is not None}
     return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]

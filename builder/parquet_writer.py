@@ -8,7 +8,6 @@ that were missing or cut short (a file without an entry is redone).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -17,23 +16,10 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .files import sha256_file, write_json_atomic
+
 MANIFEST_DIR = ".manifest"
 INCOMPLETE_DIR = ".incomplete"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_json_atomic(path: Path, value) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 class ShardWriter:
@@ -57,8 +43,9 @@ class ShardWriter:
         entry, path = self.entry(shard), self.shard_path(shard)
         return entry is not None and path.exists() and entry["sha256"] == sha256_file(path)
 
-    def write(self, shard: int, examples: list[dict]) -> dict:
-        """Encode examples with the Features, write atomically, record the manifest entry."""
+    def write(self, shard: int, examples: list[dict], provenance: dict | None = None) -> dict:
+        """Encode examples with the Features, write atomically, record the manifest entry (with
+        ``provenance``: how this shard was computed, e.g. torch version and thread count)."""
         encoded = [self.features.encode_example(e) for e in examples]
         table = pa.Table.from_pylist(encoded, schema=self.features.arrow_schema)
         final = self.shard_path(shard)
@@ -68,7 +55,7 @@ class ShardWriter:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, final)
-        entry = {"file": final.name, "num_rows": table.num_rows, "sha256": sha256_file(final)}
+        entry = {"file": final.name, "num_rows": table.num_rows, "sha256": sha256_file(final), **(provenance or {})}
         write_json_atomic(self.entry_path(shard), entry)
         return entry
 

@@ -6,10 +6,8 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -115,7 +113,7 @@ def test_writer_thread_errors_reach_the_build_and_stop_it(monkeypatch, tmp_path)
 
     written = []
 
-    def failing_write(self, shard, examples):
+    def failing_write(self, shard, examples, provenance=None):
         written.append(shard)
         raise OSError(28, "No space left on device")
 
@@ -140,49 +138,6 @@ def test_datasets_native_builder_gives_the_same_examples(tiny_build, tmp_path):
     assert all(np.array_equal(native[k], built[k][0]) for k in native)
 
 
-def test_killed_build_resumes_to_identical_content(tiny_build, tmp_path):
-    """Kill a real process after its first finished shard, rerun, compare with the uninterrupted build."""
-    reference, _ = tiny_build
-    out = tmp_path / "killed"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(PROJECT_ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "builder.cli", "build", "tiny", "--model", "random-tiny", "--out", str(out),
-                             "--no-progress"], cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    first = out / "tiny" / ".manifest" / "train-00000.json"
-    deadline = time.time() + 120
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert first.exists(), proc.stderr.read().decode()[-2000:]
-    finished_before = sorted(p.name for p in (out / "tiny" / ".manifest").glob("*.json"))
-    result = run_cli("build", "tiny", "--model", "random-tiny", "--out", str(out), "--no-progress")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "already finished" in result.stdout
-    resumed, expected = decoded_rows(out), decoded_rows(reference)
-    assert resumed.keys() == expected.keys()
-    assert all(np.array_equal(resumed[k][0], expected[k][0]) and resumed[k][1] == expected[k][1] for k in expected)
-    assert len(finished_before) >= 1
-
-
-@pytest.mark.slow
-def test_two_process_accelerate_build_equals_one_process(tmp_path):
-    # CPU GEMM results depend on the per-process thread count, so both runs use one thread each:
-    # bit-identical output is promised for the same hardware and thread count, any number of processes.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"}
-    build_args = ["-m", "builder.cli", "build", "tiny", "--model", "random-tiny", "--no-progress", "--out"]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no"]
-    for cmd in (launch + build_args + [str(tmp_path / "two")], [sys.executable] + build_args + [str(tmp_path / "one")]):
-        result = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
-    built, expected = decoded_rows(tmp_path / "two"), decoded_rows(tmp_path / "one")
-    assert built.keys() == expected.keys()
-    assert all(np.array_equal(built[k][0], expected[k][0]) and built[k][1] == expected[k][1] for k in expected)
-    manifest = json.loads((tmp_path / "two" / "tiny" / "manifest.json").read_text())
-    assert [e["sha256"] for e in manifest["shards"]] == [
-        e["sha256"] for e in json.loads((tmp_path / "one" / "tiny" / "manifest.json").read_text())["shards"]]
-
-
 def test_unknown_config_is_rejected_with_the_list():
     result = run_cli("build", "5k", "--model", "random-tiny")
     assert result.returncode == 2 and "unknown HSFace config '5k'" in result.stderr and "10k" in result.stderr
@@ -199,7 +154,7 @@ def test_folder_with_other_parameters_is_refused_and_left_intact(tiny_build, tmp
     out = tmp_path / "copy"
     shutil.copytree(tiny_build[0], out)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    with pytest.raises(BuildError, match=r"different parameters \(seed\)"):
+    with pytest.raises(BuildError, match=r"built differently:\n  seed: built with 0, now 1\nNothing was changed"):
         build(TINY.replace(seed=1), out, progress=False)
     assert before == {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
