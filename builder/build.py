@@ -31,6 +31,7 @@ import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -225,7 +226,10 @@ def build(
     from accelerate.utils import broadcast_object_list, gather_object
 
     started = time.perf_counter()
-    state = PartialState(cpu=not torch.cuda.is_available())
+    # Ranks wait for each other while the main process samples the identities (minutes at 300k on a
+    # CPU) and at the end for the last shard in flight (one shard's worth): longer than NCCL's default
+    # 10-minute collective timeout can allow, so the build's process group waits up to 2 hours.
+    state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=2))
     _warn_if_processes_were_lost(state.num_processes)
     timer = StageTimer(state.device)
     folder = OutputFolder(out_dir)
