@@ -67,11 +67,11 @@ def _heatmap(similarity: np.ndarray, title: str):
     from matplotlib.figure import Figure
     from PIL import Image
 
-    size = 2.2 + 0.25 * len(similarity)
-    figure = Figure(figsize=(min(size + 1.0, 9), min(size, 8)), dpi=80)
+    size = 3.0 + 0.2 * len(similarity)
+    figure = Figure(figsize=(min(size + 1.2, 9), min(size, 8)), dpi=80)
     axes = figure.add_subplot()
     shown = axes.imshow(similarity, vmin=-1, vmax=1, cmap="RdBu_r")
-    axes.set_title(title, fontsize=9)
+    axes.set_title(title, fontsize=8)
     axes.set_xlabel("identity")
     axes.set_ylabel("identity")
     figure.colorbar(shown, ax=axes, label="cosine")
@@ -108,13 +108,13 @@ class DemoSession:
         images = tensor_to_uint8(self.pipe.decode(vectors, index, torch.zeros_like(index), seed=int(seed)).cpu())
         if self.pipe.recognizer is not None:  # how separated the decoded faces are, not just their vectors
             similarity = cosine_matrix(self.pipe.identity_features(uint8_to_tensor(images)).cpu())
-            title = "cosine of the recognizer features of the faces"
+            title = "faces (recognizer features)"
         else:
-            similarity, title = cosine_matrix(vectors.cpu()), "cosine of the identity vectors"
+            similarity, title = cosine_matrix(vectors.cpu()), "identity vectors"
         off_diagonal = cosine_matrix(vectors.cpu()).masked_fill(torch.eye(n, dtype=torch.bool), float("nan"))
         bound = float(np.nanmax(off_diagonal.numpy())) if n > 1 else float("nan")
         rows = [dict(view="sample", identity=i, caption=f"identity {i}") for i in range(n)]
-        return images, rows, _heatmap(similarity.numpy(), f"{title}\n(identity vectors: max {bound:.2f}, tau {float(tau):.2f})")
+        return images, rows, _heatmap(similarity.numpy(), f"pairwise cosine: {title}\nidentity vectors: max {bound:.2f} (tau {float(tau):.2f})")
 
     def vary(self, identity, sigma, n, tau, seed):
         sigma = _check_range("sigma", sigma, 0.0, 2.0)
@@ -283,7 +283,7 @@ def build_app(pipe, model_name: str = "", export_dir=DEFAULT_EXPORT_DIR):
             n_ids = gr.Slider(1, 32, value=8, step=1, label="identities")
             sample_button = gr.Button("Sample", variant="primary", elem_id="sample-button")
             with gr.Row():
-                sample_gallery = gr.Gallery(label="one face per identity", columns=8, elem_id="sample-gallery")
+                sample_gallery = gr.Gallery(label="one face per identity", columns=4, elem_id="sample-gallery")
                 heatmap = gr.Image(label="pairwise cosine", type="pil")
         with gr.Tab("Vary"):
             with gr.Row():
