@@ -44,7 +44,7 @@ def test_detector_finds_the_astronauts_landmarks(detector, astronaut):
     boxes, landmarks = detector.detect(astronaut)
     assert len(boxes) == 1 and boxes[0, 4] > 0.99
     error = np.linalg.norm(landmarks[0, :2] - ASTRONAUT_EYES, axis=1)
-    assert error.max() < 3.0, error  # measured: 0.9 and 0.8 px
+    assert error.max() < 3.0, error  # measured: 1.1 and 0.7 px
 
 
 def test_aligned_crop_puts_the_eyes_on_the_template(detector, astronaut):

@@ -165,3 +165,10 @@ def test_browser_click_sample_shows_the_gallery(server, tmp_path):
             Image.open(shot).convert("RGB").quantize(colors=256).save(SCREENSHOT, optimize=True)
     finally:
         driver.quit()
+
+
+def test_cli_defaults_bind_loopback_without_share():
+    from builder.cli import parser
+
+    args = parser().parse_args(["demo", "--model", "random-tiny"])
+    assert (args.host, args.share, args.model) == ("127.0.0.1", False, "random-tiny")

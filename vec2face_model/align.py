@@ -14,7 +14,7 @@ only its data files are read. ``HSFACE_MTCNN_DIR`` points at another folder with
 
 Why this detector: it runs offline from a registry package (mediapipe ships no model files;
 insightface, uniface and face-alignment download theirs at run time), is small enough for CPU
-(about 0.1 s per photo here), and gives the five points the ArcFace template is defined on.
+(well under a second per photo on a CPU), and gives the five points the ArcFace template is defined on.
 """
 
 from __future__ import annotations
