@@ -34,6 +34,7 @@ __all__ = ["add_parser", "build_app", "export_view", "launch"]
 
 VIEWS = ("sample", "vary", "pose", "reference")
 MAX_IMAGES = 64  # per call: the demo is for looking, `hsface build` is for volume
+POSE_CHUNK = 4  # images per AttrOP batch in /pose
 DEFAULT_EXPORT_DIR = "hsface-demo-exports"
 
 
@@ -90,7 +91,7 @@ class DemoSession:
 
     def identities(self, count: int, tau: float, seed: int):
         tau = _check_range("tau", tau, -1.0, 1.0)
-        return self.pipe.sample_identities(count, tau=tau, seed=int(seed)).vectors
+        return self.pipe.sample_identities(count, tau=tau, seed=int(seed), progress=True).vectors
 
     def identity(self, index, tau: float, seed: int):
         index = _check_count("identity", index, 0, 10_000)
@@ -127,8 +128,11 @@ class DemoSession:
         return out.images, rows
 
     def pose(self, identity, yaw, quality, max_steps, n, tau, seed):
+        from tqdm.auto import tqdm
+
         from vec2face_model.attrop import AttrOPConfig
         from vec2face_model.conventions import tensor_to_uint8
+        from vec2face_model.feature_math import cosine
         from vec2face_model.identity import perturb
 
         config = AttrOPConfig(target_yaw=_check_range("yaw", yaw, -1e9, 1e9), target_quality=_check_range("quality", quality, 0.0, 100.0),
@@ -138,18 +142,22 @@ class DemoSession:
         # the build's perturbation and AttrOP masks for (seed, identity, image index), called directly
         # because every image is steered (pipe(...) expects some plain images per identity)
         perturbed = perturb(vector, n, seed=int(seed), identity_offset=int(identity))
-        result = self.pipe.steer(perturbed.vectors.to(self.pipe.device), vector.expand(n, -1).to(self.pipe.device),
-                                 perturbed.identity_index.cpu(), perturbed.image_index.cpu(), config, seed=int(seed))
-        from vec2face_model.feature_math import cosine
-
-        cos = cosine(result.vectors.float().cpu(), vector.expand(n, -1).cpu())
-        rows = []
-        for k in range(n):
-            success, reached = bool(result.success[k]), float(result.yaw[k])
-            rows.append(dict(view="pose", identity=int(identity), target_yaw=config.target_yaw, yaw=reached,
-                             quality=float(result.quality[k]), attrop_success=success, steps=int(result.steps[k]), cos_to_identity=float(cos[k]),
-                             caption=f"yaw {reached:.1f}° (target {config.target_yaw:g}) {'reached' if success else 'not reached'}"))
-        return tensor_to_uint8(result.images.cpu()), rows
+        images, rows = [], []
+        # a few images per AttrOP call so the page's progress bar moves (results do not depend on batching)
+        for start in tqdm(range(0, n, POSE_CHUNK), desc="AttrOP", unit="batch"):
+            part = slice(start, start + POSE_CHUNK)
+            vectors, identities = perturbed.vectors[part], vector.expand(len(perturbed.vectors[part]), -1)
+            result = self.pipe.steer(vectors.to(self.pipe.device), identities.to(self.pipe.device), perturbed.identity_index[part].cpu(),
+                                     perturbed.image_index[part].cpu(), config, seed=int(seed))
+            images.append(tensor_to_uint8(result.images.cpu()))
+            cos = cosine(result.vectors.float().cpu(), identities.cpu())
+            for k in range(len(vectors)):
+                success, reached = bool(result.success[k]), float(result.yaw[k])
+                rows.append(dict(view="pose", identity=int(identity), target_yaw=config.target_yaw, yaw=reached,
+                                 quality=float(result.quality[k]), attrop_success=success, steps=int(result.steps[k]),
+                                 cos_to_identity=float(cos[k]),
+                                 caption=f"yaw {reached:.1f}° (target {config.target_yaw:g}) {'reached' if success else 'not reached'}"))
+        return np.concatenate(images), rows
 
     def reference(self, photo, sigma, n, seed):
         from vec2face_model.align import align_face

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import math
 import os
 import warnings
 from pathlib import Path
@@ -37,10 +36,11 @@ from .errors import HSFaceError, InvalidInputError
 __all__ = [
     "ARCFACE_TEMPLATE",
     "AlignmentUnavailableError",
-    "FaceDetector",
     "MTCNN",
     "NoFaceFoundError",
     "align_face",
+    "apply_similarity",
+    "detect_landmarks",
     "estimate_similarity",
 ]
 
@@ -296,6 +296,7 @@ def estimate_similarity(source: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 
 def apply_similarity(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """``points [K, 2]`` mapped by a 2x3 matrix from :func:`estimate_similarity`."""
     return np.asarray(points, np.float64) @ matrix[:, :2].T + matrix[:, 2]
 
 
@@ -304,16 +305,17 @@ def _default_detector() -> MTCNN:
     return MTCNN.from_installed()
 
 
-FaceDetector = MTCNN
-
 
 def _describe(image, name: str | None) -> str:
     if name:
         return name
     if isinstance(image, (str, os.PathLike)):
         return str(image)
+    if isinstance(image, np.ndarray):
+        return f"the {'x'.join(map(str, image.shape))} image array"
     filename = getattr(image, "filename", "")
-    return filename or f"<{type(image).__name__} {getattr(image, 'size', getattr(image, 'shape', ''))}>"
+    size = getattr(image, "size", None)
+    return filename or (f"the {size[0]}x{size[1]} image" if isinstance(size, tuple) else f"the {type(image).__name__}")
 
 
 def _as_rgb_array(image) -> np.ndarray:
