@@ -12,7 +12,7 @@ if [[ ! -f $stamp || pyproject.toml -nt $stamp || .ci/constraints.txt -nt $stamp
   python3 -m venv "$venv"
   # The constraints pin the torch build that runs with torchvision on the project's CPU machines.
   "$venv/bin/pip" install --quiet --disable-pip-version-check -c .ci/constraints.txt -e ".[dev]"
-  # face-alignment weights only (the wheel's own torch pin does not apply: see pyproject.toml [align])
+  # face-alignment weights only; its torch < 2.3 pin does not apply (see the note above dev in pyproject.toml)
   "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps facenet-pytorch==2.6.0
   touch "$stamp"
 fi
