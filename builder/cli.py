@@ -88,6 +88,7 @@ def parser() -> argparse.ArgumentParser:
     from .analyze import add_parser as add_analyze
 
     add_analyze(sub)
+    from .demo import add_parser as add_demo; add_demo(sub)  # noqa: E702 (one line: cli.py is being rewritten elsewhere)
     return p
 
 

@@ -302,8 +302,16 @@ class Vec2FacePipeline(DiffusionPipeline):
             images = from_pil(images) if hasattr(images[0], "convert") else torch.as_tensor(np.asarray(images))
         return self.recognizer(images.to(self.device, self.recognizer.dtype)).float()
 
-    def variations(self, images, images_per_identity: int = 8, sigma: float = 0.2, seed: int = 0, output_type: str = "pil", batch_size: int = 32):
-        """New images of the people in ``images`` (the official reference mode: one sigma level)."""
+    def variations(self, images, images_per_identity: int = 8, sigma: float = 0.2, seed: int = 0, output_type: str = "pil", batch_size: int = 32, align: bool = True):
+        """New images of the people in ``images`` (the official reference mode: one sigma level).
+
+        ``align=True`` detects each photo's face and warps it to the ArcFace crop first
+        (:func:`vec2face_model.align.align_face`); pass ``align=False`` for crops already aligned.
+        """
+        if align:
+            from .align import align_face
+
+            images = [align_face(image) for image in images]
         features = self.identity_features(images)
         return self(features, images_per_identity=images_per_identity, sigmas=(sigma,), fractions=(1.0,),
                     min_similarity=0.0, seed=seed, output_type=output_type, batch_size=batch_size, progress=False)
