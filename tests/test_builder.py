@@ -17,6 +17,7 @@ from PIL import Image
 
 from builder.build import BuildError, build
 from builder.config import get_config
+from builder.files import OutputFolderError
 from builder.hub import push_dataset
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -146,7 +147,7 @@ def test_unknown_config_is_rejected_with_the_list():
 def test_unwritable_output_folder_is_reported(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with pytest.raises(BuildError, match="cannot write"):
+    with pytest.raises(OutputFolderError, match="cannot write"):
         build(TINY, blocker / "out", progress=False)
 
 
