@@ -36,7 +36,7 @@ from vec2face_model.timing import StageTimer
 
 from .card import write_card
 from .config import HSFaceConfig
-from .hsface_builder import FEATURES, configure_pipeline, generate_shard, load_pipeline, sample_config_identities, shard_examples
+from .hsface_builder import SHARD_FEATURES, configure_pipeline, generate_shard, load_pipeline, sample_config_identities, shard_examples
 from .parquet_writer import ShardWriter, write_json_atomic
 
 GENERATION_FILE = "generation.json"
@@ -178,7 +178,7 @@ def build(
         pipe = pipe if pipe is not None else load_pipeline(config.model)
         configure_pipeline(pipe.to(state.device), config)
         record = {"config": config.name, "parameters": config.content(), "provenance": model_provenance(pipe),
-                  "features": FEATURES.to_dict()}
+                  "features": SHARD_FEATURES.to_dict()}
     if state.is_main_process:
         config_dir.mkdir(parents=True, exist_ok=True)
         _check_or_record_parameters(config_dir, record)
@@ -194,7 +194,7 @@ def build(
         raise BuildError(f"{config_dir}: the main process did not record the parameters (see its error above)")
     identities = load_file(str(config_dir / IDENTITIES_FILE))["identity_vectors"]
 
-    writer = ShardWriter(config_dir, config.num_shards, FEATURES)
+    writer = ShardWriter(config_dir, config.num_shards, SHARD_FEATURES)
     mine = [s for s in range(config.num_shards) if s % state.num_processes == state.process_index]
     todo = [s for s in mine if not writer.is_complete(s)]
     skipped = sorted(set(mine) - set(todo))
