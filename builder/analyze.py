@@ -486,9 +486,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a.add_argument("--out", help="output folder (default: <folder>/<config>/analysis for a built folder, else ./hsface-analysis/<config>)")
     a.add_argument("--num-pairs", type=int, default=100_000, help="genuine and impostor pairs sampled for EER/TAR (default 100000)")
     a.add_argument("--seed", type=int, default=0, help="seed of the pair sampling")
-    a.add_argument("--batch-size", type=int, default=64)
+    a.add_argument("--batch-size", type=int, default=64, help="images per recognizer forward pass (default 64)")
     a.add_argument("--cache-dir", help=f"feature cache (default {DEFAULT_CACHE_DIR})")
     a.add_argument("--no-card", action="store_true", help="leave the dataset card of a built folder alone")
-    a.add_argument("--no-progress", action="store_true")
+    a.add_argument("--no-progress", action="store_true", help="no progress bar")
     a.set_defaults(run=_run)
     return a
