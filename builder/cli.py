@@ -80,19 +80,18 @@ def _build(args) -> int:
 
 
 def _push(args) -> int:
-    from .hub import _human_size, push_dataset
+    from .hub import push_dataset
 
-    result = push_dataset(args.dir, args.repo_id, private=args.private, revision=args.revision, create_pr=args.create_pr,
-                          dry_run=args.dry_run, progress=not args.no_progress, commit_message=args.message)
+    options = dict(private=args.private, revision=args.revision, create_pr=args.create_pr)
+    plan = push_dataset(args.dir, args.repo_id, dry_run=True, **options)  # checks the folder and options, no network
+    url = f"https://huggingface.co/datasets/{args.repo_id}"
     if args.dry_run:
-        print(result.summary())
-        print(f"dry run: nothing was uploaded; without --dry-run these files go to https://huggingface.co/datasets/{args.repo_id}")
+        print(plan.summary())
+        print(f"dry run: nothing was uploaded; without --dry-run these files go to {url}")
         return 0
-    from .hub import upload_plan
-
-    plan = upload_plan(args.dir)
-    where = getattr(result, "pr_url", None) or f"https://huggingface.co/datasets/{args.repo_id}"
-    print(f"pushed {len(plan.files)} files ({_human_size(plan.total_bytes)}) from {args.dir} to {where}")
+    print(f"uploading {len(plan.files)} files ({plan.total_size}) to {url}")
+    info = push_dataset(args.dir, args.repo_id, progress=not args.no_progress, commit_message=args.message, **options)
+    print(f"pushed {args.dir} to {getattr(info, 'pr_url', None) or url}")
     print(f"Next: from datasets import load_dataset; ds = load_dataset({args.repo_id!r}, '<config>', split='train')")
     return 0
 

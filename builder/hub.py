@@ -40,8 +40,12 @@ class UploadPlan:
     files: list[str]
     total_bytes: int
 
+    @property
+    def total_size(self) -> str:
+        return _human_size(self.total_bytes)
+
     def summary(self, limit: int = 12) -> str:
-        lines = [f"{len(self.files)} files, {_human_size(self.total_bytes)} from {self.folder}:"]
+        lines = [f"{len(self.files)} files, {self.total_size} from {self.folder}:"]
         for name in self.files[:limit]:
             lines.append(f"  {name}  ({_human_size((self.folder / name).stat().st_size)})")
         if len(self.files) > limit:
