@@ -2,7 +2,8 @@
 
 Built with ``huggingface_hub.DatasetCard`` / ``DatasetCardData``. Its YAML ``configs:`` section is
 what makes ``load_dataset(folder, "10k")`` work without any code, and its ``dataset_info`` declares
-the features (``label`` as a ``ClassLabel``), which ``load_dataset`` applies to the shards. Only
+the features (``label`` as a ``ClassLabel`` up to ``CLASS_LABEL_MAX_IDENTITIES``), which
+``load_dataset`` applies to the shards. Only
 configs whose shards are all finished are listed. The card holds no local absolute path: it is
 published as is by ``hsface push``.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+from datasets import ClassLabel
 from huggingface_hub import DatasetCard, DatasetCardData
 from PIL import Image
 
@@ -145,9 +147,15 @@ def _config_lines(out_dir: Path, name: str, info: dict) -> list[str]:
     if provenance.get("preset"):
         lines += [f"> **Random weights (`{provenance['preset']}` preset): these images are not faces.** "
                   "For tests and smoke runs only.", ""]
+    num_identities = params["num_identities"]
+    if isinstance(hsface_features(num_identities)["label"], ClassLabel):
+        label = f"`label`: ClassLabel with {num_identities:,} classes"
+    else:  # see CLASS_LABEL_MAX_IDENTITIES: a ClassLabel this large would bloat this card
+        label = (f"`label`: int64 identity index 0..{num_identities - 1:,}; for a ClassLabel: "
+                 f"`ds = ds.cast_column('label', ClassLabel(num_classes={num_identities}))`")
     lines += [
-        f"- identities: {params['num_identities']:,} (`label`: ClassLabel with {params['num_identities']:,} classes); "
-        f"images per identity: {params['images_per_identity']}; rows: {manifest['num_rows']:,} in {len(manifest['shards'])} shard(s)",
+        f"- identities: {num_identities:,} ({label}); images per identity: {params['images_per_identity']}; "
+        f"rows: {manifest['num_rows']:,} in {len(manifest['shards'])} shard(s)",
         "",
         "| parameter | value |",
         "|---|---|",
@@ -182,7 +190,7 @@ def render_card(out_dir: Path, configs: dict[str, dict]) -> str:
         f"ds = load_dataset({'./' + out_dir.name!r}, {example!r}, split='train')  # the local folder, from its parent",
         "```",
         "",
-        "Columns: `image` (112x112 aligned face), `label` (identity, a `ClassLabel`), `image_index`, `sigma` "
+        "Columns: `image` (112x112 aligned face), `label` (identity index), `image_index`, `sigma` "
         "(perturbation level), `cos_to_identity`, and for AttrOP images `attrop_target_yaw`, `attrop_success`, "
         "`yaw`, `quality` (null otherwise).",
         "",

@@ -37,12 +37,22 @@ _COLUMNS = {
 }
 
 
+# A ClassLabel always lists its N names (datasets has no names-free form). The card's YAML carries
+# them, and every load_dataset of any config in the repository parses that YAML:
+# bench/bench_card_labels.py measured +0.6 s per load at 10k identities, +1.8 s at 20k, +8.9 s at
+# 100k and +30 s at 300k (8.5 MB of YAML, past what the Hub's YAML validation accepts in practice).
+# Configs above this size keep ``label`` as the int64 identity index; their card shows the cast.
+CLASS_LABEL_MAX_IDENTITIES = 20_000
+
+
 def hsface_features(num_identities: int) -> datasets.Features:
-    """The columns users see: ``label`` (global identity index) is a ``ClassLabel`` of
+    """The columns users see. ``label`` (global identity index) is a ``ClassLabel`` of
     ``num_identities`` classes, so ``features["label"].num_classes`` and
-    ``train_test_split(stratify_by_column="label")`` work."""
+    ``train_test_split(stratify_by_column="label")`` work; above :data:`CLASS_LABEL_MAX_IDENTITIES`
+    it is the plain int64 index (``cast_column("label", ClassLabel(num_classes=N))`` makes the ClassLabel)."""
     columns = dict(_COLUMNS)
-    return datasets.Features({"image": columns.pop("image"), "label": datasets.ClassLabel(num_classes=num_identities), **columns})
+    label = datasets.ClassLabel(num_classes=num_identities) if num_identities <= CLASS_LABEL_MAX_IDENTITIES else datasets.Value("int64")
+    return datasets.Features({"image": columns.pop("image"), "label": label, **columns})
 
 
 def features(config: HSFaceConfig) -> datasets.Features:

@@ -212,6 +212,27 @@ def test_card_holds_no_local_path_and_keeps_analysis_sections(built, tmp_path):
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp") and p.name != ".README.md.123.tmp"]
 
 
+def test_configs_above_the_class_label_limit_keep_an_int_label_and_show_the_cast(built, tmp_path, monkeypatch):
+    import shutil
+
+    from datasets import ClassLabel, Value, load_dataset
+
+    import builder.hsface_builder as hsface_builder
+
+    monkeypatch.setattr(hsface_builder, "CLASS_LABEL_MAX_IDENTITIES", 3)  # tiny's 4 identities are "too many"
+    assert hsface_builder.hsface_features(3)["label"] == ClassLabel(num_classes=3)
+    out = tmp_path / "big"
+    shutil.copytree(built, out)
+    write_card(out)
+    card = (out / "README.md").read_text()
+    assert "class_label" not in card and "ClassLabel(num_classes=4)" in card
+    ds = load_dataset(str(out), "tiny", split="train")
+    assert ds.features["label"] == Value("int64")
+    cast = ds.cast_column("label", ClassLabel(num_classes=4))  # what the card tells users to run
+    assert cast.features["label"].num_classes == 4 and cast["label"] == ds["label"]
+    assert len(cast.train_test_split(test_size=0.4, stratify_by_column="label", seed=0)["test"]) == 8
+
+
 def test_card_renders_no_execution_block_without_one(built):
     assert "| execution | value |" not in (built / "README.md").read_text()
 
@@ -220,3 +241,12 @@ def test_card_renders_no_execution_block_without_one(built):
                                             (500_000, "100K<n<1M"), (15_000_000, "10M<n<100M"), (10**9, "1B<n<10B"), (10**13, "n>1T")])
 def test_size_category_follows_the_row_count(rows, category):
     assert size_category(rows) == category
+
+
+def test_paper_configs_up_to_20k_get_a_class_label_larger_ones_the_int_index():
+    from builder.config import PRESETS
+    from builder.hsface_builder import features
+
+    kinds = {name: type(features(config)["label"]).__name__ for name, config in PRESETS.items()}
+    assert kinds == {"10k": "ClassLabel", "20k": "ClassLabel", "100k": "Value", "200k": "Value", "300k": "Value", "tiny": "ClassLabel"}
+    assert features(PRESETS["20k"])["label"].num_classes == 20_000
