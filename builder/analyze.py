@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -89,6 +88,7 @@ def load_recognizer(name_or_path: str | os.PathLike | None = None) -> IResNet:
     """
     from vec2face_model.models.iresnet import IResNet
     from vec2face_model.pipeline_vec2face import OFFICIAL_FILES, PRESETS
+
     if name_or_path is None:
         return IResNet.from_official(_official_recognizer_file()).eval()
     name = str(name_or_path)
@@ -289,14 +289,14 @@ def replace_card_section(card: str, config: str, body: str) -> str:
 
 
 def _card_section(report: dict, config: str, summary_md: str, files: list[str]) -> str:
+    from .card import public_model_name  # the card is published: a local recognizer path shows by name only
+
     prefix = f"{config}/{ANALYSIS_DIR}"
     recognizer = report["recognizer"]
     lines = [f"## Analysis (`{config}`)", ""]
     if recognizer["random_weights"]:
         lines += [f"> **Random-weight recognizer (`{recognizer['source']}`): these numbers say nothing about face identity.** "
                   "For smoke runs only.", ""]
-    from .card import public_model_name  # the card is published: a local recognizer path shows by name only
-
     lines += [
         f"Features of {report['num_images']:,} images from recognizer `{public_model_name(recognizer['source'])}` "
         f"(weights sha256 `{recognizer['sha256'][:16]}…`), computed by `hsface analyze`. "

@@ -70,9 +70,9 @@ def write_sample_grid(config_dir: Path, manifest: dict) -> Path:
 
 
 def public_model_name(model: str) -> str:
-    """``model`` as it may appear on a public card: a Hub id or preset as is, a local folder by its name only."""
+    """``model`` as it may appear on a public card: a Hub id or preset as is, a local file or folder by its name only."""
     if os.path.isabs(model) or Path(model).expanduser().exists():
-        return f"local folder '{Path(model).name}'"
+        return f"local '{Path(model).name}'"
     return model
 
 

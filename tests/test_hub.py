@@ -206,7 +206,7 @@ def test_card_holds_no_local_path_and_keeps_analysis_sections(built, tmp_path):
     write_card(out)
     card = card_path.read_text()
     assert str(tmp_path) not in card and "/tmp" not in card and str(Path.home()) not in card
-    assert "local folder 'my-weights'" in card
+    assert "local 'my-weights'" in card
     assert "| precision | `\"bf16\"` |" in card and "| speed_up | `2.1` |" in card
     assert "## Analysis (`tiny`)\n\nkept" in card
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp") and p.name != ".README.md.123.tmp"]
@@ -250,3 +250,14 @@ def test_paper_configs_up_to_20k_get_a_class_label_larger_ones_the_int_index():
     kinds = {name: type(features(config)["label"]).__name__ for name, config in PRESETS.items()}
     assert kinds == {"10k": "ClassLabel", "20k": "ClassLabel", "100k": "Value", "200k": "Value", "300k": "Value", "tiny": "ClassLabel"}
     assert features(PRESETS["20k"])["label"].num_classes == 20_000
+
+
+def test_public_model_names_hide_local_paths(tmp_path, monkeypatch):
+    from builder.card import public_model_name
+
+    (tmp_path / "weights").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert public_model_name(str(tmp_path / "weights")) == "local 'weights'"
+    assert public_model_name("weights") == "local 'weights'"  # relative, but a folder here
+    assert public_model_name("/gone/arcface.pth") == "local 'arcface.pth'"
+    assert public_model_name("BooBooWu/Vec2Face") == "BooBooWu/Vec2Face" and public_model_name("random-tiny") == "random-tiny"
