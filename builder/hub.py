@@ -54,12 +54,9 @@ class UploadPlan:
 
 
 def _human_size(num_bytes: int) -> str:
-    size = float(num_bytes)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    raise AssertionError("unreachable")
+    from tqdm import tqdm
+
+    return tqdm.format_sizeof(num_bytes, "B", 1000)
 
 
 def upload_plan(out_dir: str | Path) -> UploadPlan:
