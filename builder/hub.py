@@ -105,6 +105,10 @@ def _advice(err: BaseException, repo_id: str) -> str:
         return f"your token cannot write to {repo_id}; use a token with write access to it, or another repo id"
     if status == 404:
         return f"check that the namespace of {repo_id} exists and that your token can write to it"
+    if status is not None and status < 500:
+        return "the Hub refused the request for the reason above; fix it and run the command again"
+    if status is not None:
+        return "the Hub had a server error; run the same command again later; files already committed are skipped"
     return "check the network connection (and HF_ENDPOINT if set) and run the same command again; files already committed are skipped"
 
 

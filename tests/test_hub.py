@@ -261,3 +261,19 @@ def test_public_model_names_hide_local_paths(tmp_path, monkeypatch):
     assert public_model_name("weights") == "local 'weights'"  # relative, but a folder here
     assert public_model_name("/gone/arcface.pth") == "local 'arcface.pth'"
     assert public_model_name("BooBooWu/Vec2Face") == "BooBooWu/Vec2Face" and public_model_name("random-tiny") == "random-tiny"
+
+
+@pytest.mark.parametrize("status, advice", [(401, "hf auth login"), (403, "cannot write to me/x"), (404, "namespace of me/x"),
+                                            (413, "refused the request"), (503, "server error")])
+def test_hub_answers_become_hub_errors_with_advice_for_the_status(built, status, advice):
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    class Refusing(RecordingHub):
+        def create_repo(self, repo_id, **kwargs):
+            response = httpx2.Response(status, request=httpx2.Request("POST", "https://huggingface.co/api/repos/create"))
+            raise HfHubHTTPError(f"{status} Client Error", response=response)
+
+    with pytest.raises(HubUnreachableError, match=advice) as caught:
+        push_dataset(built, "me/x", api=Refusing())
+    assert f"HfHubHTTPError: {status} Client Error" in str(caught.value)
