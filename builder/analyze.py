@@ -21,15 +21,16 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from vec2face_model.analysis import analyze_features, save_sample_grid, write_report
-from vec2face_model.conventions import from_pil
-from vec2face_model.convert import weights_sha256
-from vec2face_model.models.iresnet import IResNet
-from vec2face_model.pipeline_vec2face import OFFICIAL_FILES, OFFICIAL_REPO_ID, PRESETS, Vec2FacePipeline
+# torch and the models are imported where they are used, so that `hsface --help` (which registers
+# this subcommand through add_parser) starts without importing torch.
+if TYPE_CHECKING:
+    import torch
+
+    from vec2face_model.models.iresnet import IResNet
 
 __all__ = [
     "DEFAULT_CACHE_DIR",
@@ -54,11 +55,15 @@ GRID_IMAGES = 8
 def recognizer_hash(model: torch.nn.Module) -> str:
     """sha256 of the recognizer's weights: the builder's provenance digest (:func:`weights_sha256`),
     so an analysis can be matched to the recognizer a dataset was generated with."""
+    from vec2face_model.convert import weights_sha256
+
     return weights_sha256(model)
 
 
 def _official_recognizer_file() -> Path:
     from huggingface_hub import hf_hub_download
+
+    from vec2face_model.pipeline_vec2face import OFFICIAL_FILES, OFFICIAL_REPO_ID
 
     try:
         return Path(hf_hub_download(OFFICIAL_REPO_ID, OFFICIAL_FILES["recognizer"]))
@@ -81,6 +86,9 @@ def load_recognizer(name_or_path: str | os.PathLike | None = None) -> IResNet:
     * a ``Vec2FacePipeline`` folder (diffusers layout: its ``recognizer`` subfolder; official
       layout: ``weights/arcface-r100-glint360k.pth``).
     """
+    from vec2face_model.models.iresnet import IResNet
+    from vec2face_model.pipeline_vec2face import OFFICIAL_FILES, PRESETS
+
     if name_or_path is None:
         return IResNet.from_official(_official_recognizer_file()).eval()
     name = str(name_or_path)
@@ -111,10 +119,16 @@ def load_recognizer(name_or_path: str | os.PathLike | None = None) -> IResNet:
 @functools.lru_cache(maxsize=None)
 def _preset_recognizer(name: str) -> IResNet:
     # Building a preset pipeline fits its identity prior (seconds); the recognizer is all we need, once.
+    from vec2face_model.pipeline_vec2face import Vec2FacePipeline
+
     return Vec2FacePipeline.from_preset(name).recognizer.eval()
 
 
 def _describe_recognizer(name_or_path, model: IResNet) -> dict:
+    import torch
+
+    from vec2face_model.pipeline_vec2face import OFFICIAL_FILES, OFFICIAL_REPO_ID, PRESETS
+
     if isinstance(name_or_path, torch.nn.Module):
         source = f"<{type(name_or_path).__name__} object>"
     elif name_or_path is None:
@@ -169,7 +183,10 @@ def extract_features(dataset, recognizer: IResNet, batch_size: int = 64, cache_d
     pair loads it without running the recognizer. The recognizer runs on its own device and dtype,
     in eval mode (its previous mode is restored).
     """
+    import torch
     from tqdm.auto import tqdm
+
+    from vec2face_model.conventions import from_pil
 
     _check_columns(dataset)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -272,6 +289,8 @@ def replace_card_section(card: str, config: str, body: str) -> str:
 
 
 def _card_section(report: dict, config: str, summary_md: str, files: list[str]) -> str:
+    from .card import public_model_name  # the card is published: a local recognizer path shows by name only
+
     prefix = f"{config}/{ANALYSIS_DIR}"
     recognizer = report["recognizer"]
     lines = [f"## Analysis (`{config}`)", ""]
@@ -279,7 +298,7 @@ def _card_section(report: dict, config: str, summary_md: str, files: list[str]) 
         lines += [f"> **Random-weight recognizer (`{recognizer['source']}`): these numbers say nothing about face identity.** "
                   "For smoke runs only.", ""]
     lines += [
-        f"Features of {report['num_images']:,} images from recognizer `{recognizer['source']}` "
+        f"Features of {report['num_images']:,} images from recognizer `{public_model_name(recognizer['source'])}` "
         f"(weights sha256 `{recognizer['sha256'][:16]}…`), computed by `hsface analyze`. "
         f"Full report: [{prefix}/report.json]({prefix}/report.json).",
     ]
@@ -337,6 +356,8 @@ def _load_train_split(path_or_repo, config: str | None):
 
 
 def _first_identities_grid(dataset, labels: np.ndarray, path: Path, num_identities: int, num_images: int) -> Path:
+    from vec2face_model.analysis import save_sample_grid
+
     chosen: dict[int, list[int]] = {}
     for index, label in enumerate(labels.tolist()):
         if label in chosen:
@@ -376,6 +397,10 @@ def analyze_dataset(
     with ``write_card_section``, the outputs are copied to ``<folder>/<config>/analysis`` and the
     config's section of ``<folder>/README.md`` is regenerated.
     """
+    import torch
+
+    from vec2face_model.analysis import analyze_features, write_report
+
     local = Path(path_or_repo).expanduser()
     built = _built_config(local, config) if local.is_dir() else None
     config = config or built
@@ -461,9 +486,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a.add_argument("--out", help="output folder (default: <folder>/<config>/analysis for a built folder, else ./hsface-analysis/<config>)")
     a.add_argument("--num-pairs", type=int, default=100_000, help="genuine and impostor pairs sampled for EER/TAR (default 100000)")
     a.add_argument("--seed", type=int, default=0, help="seed of the pair sampling")
-    a.add_argument("--batch-size", type=int, default=64)
+    a.add_argument("--batch-size", type=int, default=64, help="images per recognizer forward pass (default 64)")
     a.add_argument("--cache-dir", help=f"feature cache (default {DEFAULT_CACHE_DIR})")
     a.add_argument("--no-card", action="store_true", help="leave the dataset card of a built folder alone")
-    a.add_argument("--no-progress", action="store_true")
+    a.add_argument("--no-progress", action="store_true", help="no progress bar")
     a.set_defaults(run=_run)
     return a

@@ -1,4 +1,4 @@
-"""HSFace builder end to end on the random-tiny pipeline: layout, loading, resume, distribution, errors, push."""
+"""HSFace builder end to end on the random-tiny pipeline: layout, loading, resume, distribution, errors."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from PIL import Image
 from builder.build import BuildError, build
 from builder.config import get_config
 from builder.files import OutputFolderError
-from builder.hub import push_dataset
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TINY = get_config("tiny", model="random-tiny")
@@ -74,12 +73,25 @@ def test_tiny_build_loads_with_the_expected_rows_schema_and_invariants(tiny_buil
     assert "config_name: tiny" in card and "not faces" in card and "dataset_info" in card
 
 
+def test_label_is_a_class_label_of_the_config_identities(tiny_build):
+    from datasets import ClassLabel, load_dataset
+
+    out, _ = tiny_build
+    ds = load_dataset(str(out), "tiny", split="train")
+    assert isinstance(ds.features["label"], ClassLabel) and ds.features["label"].num_classes == 4
+    split = ds.train_test_split(test_size=0.4, stratify_by_column="label", seed=0)
+    for part, per_identity in (("train", 3), ("test", 2)):  # 5 images per identity, stratified 60/40
+        assert Counter(split[part]["label"]) == {label: per_identity for label in range(4)}
+
+
 def test_hsface_folder_streams_and_splits_by_node(tiny_build):
     from datasets import load_dataset
     from datasets.distributed import split_dataset_by_node
 
     out, _ = tiny_build
-    streamed = list(load_dataset(str(out), "tiny", split="train", streaming=True))
+    stream = load_dataset(str(out), "tiny", split="train", streaming=True)
+    assert stream.features["label"].num_classes == 4
+    streamed = list(stream)
     assert len(streamed) == 20
     parts = [list(split_dataset_by_node(load_dataset(str(out), "tiny", split="train", streaming=True), rank=r, world_size=2)) for r in range(2)]
     assert sorted((x["label"], x["image_index"]) for p in parts for x in p) == sorted((x["label"], x["image_index"]) for x in streamed)
@@ -158,27 +170,6 @@ def test_folder_with_other_parameters_is_refused_and_left_intact(tiny_build, tmp
     with pytest.raises(BuildError, match=r"built differently:\n  seed: built with 0, now 1\nNothing was changed"):
         build(TINY.replace(seed=1), out, progress=False)
     assert before == {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-
-
-def test_push_uploads_the_card_and_every_shard(tiny_build):
-    class RecordingHub:
-        def __init__(self):
-            self.calls = []
-
-        def create_repo(self, repo_id, **kwargs):
-            self.calls.append(("create_repo", repo_id, kwargs))
-
-        def create_commit(self, repo_id, operations, **kwargs):
-            self.calls.append(("create_commit", repo_id, [op.path_in_repo for op in operations], kwargs))
-            return "commit"
-
-    hub = RecordingHub()
-    push_dataset(tiny_build[0], "me/hsface-tiny", api=hub)
-    assert hub.calls[0][:2] == ("create_repo", "me/hsface-tiny") and hub.calls[0][2]["repo_type"] == "dataset"
-    uploaded = hub.calls[1][2]
-    assert "README.md" in uploaded
-    assert {"tiny/train-00000-of-00002.parquet", "tiny/train-00001-of-00002.parquet", "tiny/sample_grid.png"} <= set(uploaded)
-    assert not any(".manifest" in p or ".incomplete" in p for p in uploaded)
 
 
 def test_sample_grid_is_a_real_picture(tiny_build):
