@@ -18,10 +18,15 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+
+if __package__ in (None, ""):  # run by path from any directory: import this checkout's recipes package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _jpeg_cells(count: int, seed: int = 0) -> list[dict]:

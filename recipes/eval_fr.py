@@ -29,6 +29,12 @@ Usage::
 
 from __future__ import annotations
 
+if __package__ in (None, ""):  # run by path (`accelerate launch recipes/eval_fr.py`): import the checkout's package
+    import sys
+    from pathlib import Path
+
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the checkout root instead of recipes/
+
 import argparse
 import io
 import json

@@ -24,6 +24,12 @@ same number of processes; on CPU a resumed run is bit-identical to an uninterrup
 
 from __future__ import annotations
 
+if __package__ in (None, ""):  # run by path (`accelerate launch recipes/train_fr.py`): import the checkout's package
+    import sys
+    from pathlib import Path
+
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the checkout root instead of recipes/
+
 import dataclasses
 import functools
 import importlib
@@ -43,14 +49,8 @@ from torch import nn
 
 from vec2face_model.seeding import derive_seed
 
-try:  # inside the repository (tests, `python -m recipes.train_fr`)
-    from recipes.fr_data import FaceAugment, TrainData, count_classes, load_face_dataset
-    from recipes.margin_head import ShardedMarginHead
-except ModuleNotFoundError as err:  # run as a file: recipes/ itself is sys.path[0]
-    if err.name != "recipes":
-        raise
-    from fr_data import FaceAugment, TrainData, count_classes, load_face_dataset
-    from margin_head import ShardedMarginHead
+from recipes.fr_data import FaceAugment, TrainData, count_classes, load_face_dataset
+from recipes.margin_head import ShardedMarginHead
 
 __all__ = [
     "PRESETS", "TrainConfig", "build_backbone", "find_latest_checkpoint", "learning_rate", "load_backbone",
@@ -438,12 +438,7 @@ def make_eval_hook(config: TrainConfig, device: torch.device) -> EvalHook | None
         return getattr(importlib.import_module(module), function)
     if not config.eval_data_dir:
         return None
-    try:
-        from recipes import eval_fr
-    except ModuleNotFoundError as err:
-        if err.name != "recipes":
-            raise
-        import eval_fr
+    from recipes import eval_fr
     sets = eval_fr.load_sets(config.eval_data_dir, config.eval_sets)
     if not sets:
         raise FileNotFoundError(f"none of {config.eval_sets} found in {config.eval_data_dir}")

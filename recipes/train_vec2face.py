@@ -60,6 +60,12 @@ recognizer) that ``Vec2FacePipeline.from_pretrained`` loads.
 
 from __future__ import annotations
 
+if __package__ in (None, ""):  # run by path (`accelerate launch recipes/train_vec2face.py`): import the checkout's package
+    import sys
+    from pathlib import Path
+
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the checkout root instead of recipes/
+
 import dataclasses
 import hashlib
 import json
@@ -81,12 +87,7 @@ from vec2face_model.models.generator import TRAINING_MASK_RATIO
 from vec2face_model.convert import weights_sha256
 from vec2face_model.seeding import derive_seed
 
-try:  # inside the repository (tests, `python -m recipes.train_vec2face`)
-    from recipes.vec2face_losses import LossWeights, PerceptualLoss, Vec2FaceObjective, build_lpips
-except ModuleNotFoundError as err:  # run as a file: recipes/ itself is sys.path[0]
-    if err.name != "recipes":
-        raise
-    from vec2face_losses import LossWeights, PerceptualLoss, Vec2FaceObjective, build_lpips
+from recipes.vec2face_losses import LossWeights, PerceptualLoss, Vec2FaceObjective, build_lpips
 
 __all__ = [
     "GENERATOR_ARCHS", "PRESETS", "TrainConfig", "TrainResult", "epoch_batches", "find_checkpoint",
