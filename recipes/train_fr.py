@@ -227,7 +227,8 @@ def make_eval_hook(config: TrainConfig, device: torch.device) -> EvalHook | None
     if not config.eval_data_dir:
         return None
     from recipes import eval_fr
-    sets = eval_fr.load_sets(config.eval_data_dir, config.eval_sets)
+    from recipes.verification_sets import load_sets
+    sets = load_sets(config.eval_data_dir, config.eval_sets)
     if not sets:
         raise FileNotFoundError(f"none of {config.eval_sets} found in {config.eval_data_dir}")
 
