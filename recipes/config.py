@@ -2,7 +2,8 @@
 
 Precedence, lowest first: the dataclass defaults, ``--config=PRESET|file.yaml`` (a preset name of the
 recipe, or a YAML/JSON mapping of fields: a run's ``config.json`` works, JSON being YAML), then
-``--field=value`` (or ``--field value``) flags. Unknown fields are rejected wherever they appear,
+``--field=value`` (or ``--field value``; ``--field-name`` spells ``--field_name`` too; a bare boolean
+flag means true) flags. Unknown fields are rejected wherever they appear,
 and so is a flag given twice. Values are typed by the dataclass annotations: flags are read as YAML
 scalars (``true``, ``1e-3``, ``none``/``null`` for optional fields), sequences also as ``a,b,c``,
 mappings as JSON/YAML (``'{"dropout": 0.0}'``). ``--help`` lists every field with its type and default.
@@ -175,7 +176,11 @@ def config_parser(config_cls: type, presets: Mapping[str, Mapping[str, Any]], *,
     for field in dataclasses.fields(config_cls):
         hint = hints[field.name]
         kind = getattr(hint, "__name__", None) if not typing.get_args(hint) else str(hint).replace("typing.", "")
-        parser.add_argument(f"--{field.name}", action=_StoreOnce, metavar="VALUE",
+        spellings = [f"--{field.name}"] + ([f"--{field.name.replace('_', '-')}"] if "_" in field.name else [])
+        is_bool = _optional_inner(hint)[1] is bool
+        parser.add_argument(*spellings, dest=field.name, action=_StoreOnce, metavar="VALUE",
+                            # a bare boolean flag means true: --gradient_checkpointing
+                            **({"nargs": "?", "const": "true"} if is_bool else {}),
                             help=f"{kind} (default: {_default_text(field)})")
     return parser
 
@@ -184,7 +189,11 @@ def parse_config(config_cls: type[Config], argv: Sequence[str], presets: Mapping
                  *, prog: str = "recipe") -> Config:
     """``[--config=PRESET|FILE] [--field=value ...]`` -> a validated ``config_cls``."""
     presets = presets or {}
-    namespace = config_parser(config_cls, presets, prog=prog).parse_args(list(argv))
+    namespace, rest = config_parser(config_cls, presets, prog=prog).parse_known_args(list(argv))
+    if rest:
+        if not rest[0].startswith("--"):
+            raise InvalidInputError(f"arguments are --field=value flags, got {rest[0]!r} (see --help)")
+        _check_keys(config_cls, [arg[2:].split("=", 1)[0] for arg in rest if arg.startswith("--")], "command line")
     flags = vars(namespace)
     source = flags.pop("config", None)
     values: dict[str, Any] = {}
