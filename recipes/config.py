@@ -165,6 +165,19 @@ def _default_text(field: dataclasses.Field) -> str:
     return "none" if value is None else json.dumps(list(value) if isinstance(value, tuple) else value)
 
 
+@functools.cache
+def field_comments(config_cls: type) -> dict[str, str]:
+    """The ``# comment`` after each field in the class source: the per-field text of ``--help``."""
+    import inspect
+    import re
+
+    try:
+        source = inspect.getsource(config_cls)
+    except (OSError, TypeError):  # no source (e.g. frozen application): help shows type and default only
+        return {}
+    return dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", source, flags=re.MULTILINE))
+
+
 def config_parser(config_cls: type, presets: Mapping[str, Mapping[str, Any]], *, prog: str, description: str = "") -> argparse.ArgumentParser:
     """``--config`` plus one ``--<field>`` per dataclass field, each documented with its type and default."""
     parser = _ConfigArgumentParser(prog=prog, description=description, allow_abbrev=False, argument_default=argparse.SUPPRESS,
@@ -172,7 +185,7 @@ def config_parser(config_cls: type, presets: Mapping[str, Mapping[str, Any]], *,
                                    epilog=f"presets: {', '.join(presets)}")
     parser.add_argument("--config", action=_StoreOnce, metavar="PRESET|FILE",
                         help=f"a preset ({', '.join(presets)}) or a YAML/JSON file of fields; flags override it")
-    hints = field_types(config_cls)
+    hints, comments = field_types(config_cls), field_comments(config_cls)
     for field in dataclasses.fields(config_cls):
         hint = hints[field.name]
         kind = getattr(hint, "__name__", None) if not typing.get_args(hint) else str(hint).replace("typing.", "")
@@ -181,7 +194,7 @@ def config_parser(config_cls: type, presets: Mapping[str, Mapping[str, Any]], *,
         parser.add_argument(*spellings, dest=field.name, action=_StoreOnce, metavar="VALUE",
                             # a bare boolean flag means true: --gradient_checkpointing
                             **({"nargs": "?", "const": "true"} if is_bool else {}),
-                            help=f"{kind} (default: {_default_text(field)})")
+                            help=" ".join([comments.get(field.name, ""), f"[{kind}, default: {_default_text(field)}]"]).strip())
     return parser
 
 
