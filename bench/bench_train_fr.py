@@ -68,8 +68,8 @@ def bench_data(images: int) -> dict:
 
 
 def bench_train(backbone_name: str, batch_size: int, classes: int, steps: int, warmup: int, kwargs: dict) -> dict:
-    from recipes.margin_head import ShardedMarginHead
     from recipes.backbones import build_backbone
+    from recipes.margin_head import ShardedMarginHead
     from recipes.train_fr import parameter_groups
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
