@@ -72,6 +72,9 @@ def check_resumable(directory: Path, world_size: int) -> dict:
     if not (directory / TRAINER_STATE_NAME).is_file():
         raise InvalidInputError(f"{directory} is not a complete checkpoint directory (no {TRAINER_STATE_NAME}); pass "
                                 "output_dir/checkpoints/step-XXXXXXXX or --resume=latest")
+    if not (directory / "model.safetensors").is_file():
+        raise InvalidInputError(f"{directory} has no model.safetensors: it was written before train_fr checkpointed "
+                                "through accelerate; evaluate its backbone/ folder, or start a new run")
     state = json.loads((directory / TRAINER_STATE_NAME).read_text())
     if state["world_size"] != world_size:
         raise InvalidInputError(f"{directory} was written by {state['world_size']} processes (one head shard each); "
