@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from recipes import margin_head
 from recipes.backbones import build_backbone, export_backbone, load_backbone
 from recipes.config import config_to_dict
-from recipes.fr_checkpoints import find_latest_checkpoint
+from recipes.fr_checkpoints import check_resumable, find_latest_checkpoint
 from recipes.fr_data import FaceAugment, TrainData, count_classes, decode_face, epoch_indices, load_face_dataset
 from recipes.margin_head import ShardedMarginHead, arcface_logits, init_class_centres, shard_range
 from recipes.train_fr import PRESETS, TrainConfig, learning_rate, parameter_groups, parse_config
@@ -265,6 +265,22 @@ def test_every_backbone_exports_and_rebuilds_for_eval(tmp_path, name, kwargs):
     probe = torch.linspace(-1, 1, 2 * 3 * 112 * 112).reshape(2, 3, 112, 112)
     loaded = load_backbone(tmp_path / name)
     assert not loaded.training and torch.equal(loaded(probe), backbone(probe))
+
+
+def test_resume_checks_name_the_problem(tmp_path):
+    checkpoint = tmp_path / "checkpoints" / "step-00000004"
+    checkpoint.mkdir(parents=True)
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        check_resumable(checkpoint, world_size=1)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 4, "world_size": 2}))
+    with pytest.raises(ValueError, match="before train_fr checkpointed through accelerate"):
+        check_resumable(checkpoint, world_size=2)  # the hand-rolled format had backbone/ instead
+    (checkpoint / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="--num_processes 2"):
+        check_resumable(checkpoint, world_size=1)
+    assert check_resumable(checkpoint, world_size=2)["step"] == 4
+    (tmp_path / "checkpoints" / "step-00000008.incomplete").mkdir()  # an interrupted save is never "latest"
+    assert find_latest_checkpoint(tmp_path) == checkpoint
 
 
 # -- data -----------------------------------------------------------------------------------------
