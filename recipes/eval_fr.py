@@ -183,7 +183,7 @@ def results_to_json(results: dict[str, dict], label: str = "model") -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description="Face verification accuracy (LFW, CFP-FP, CPLFW, AgeDB-30, CALFW).")
+    parser = argparse.ArgumentParser(prog="eval_fr", description="Face verification accuracy (LFW, CFP-FP, CPLFW, AgeDB-30, CALFW).")
     parser.add_argument("--model", required=True, help="train_fr backbone/checkpoint folder, IResNet save_pretrained "
                         "folder or Hub id, or official .pth/.safetensors file")
     parser.add_argument("--data-dir", required=True, help="folder with <set>.bin files or <set>/pairs.txt folders")

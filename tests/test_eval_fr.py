@@ -26,6 +26,7 @@ from recipes.verification_sets import (
     load_sets,
 )
 from vec2face_model.conventions import uint8_to_tensor
+from vec2face_model.verification import verification_metrics
 
 
 def random_images(n: int, seed: int = 0, size: int = 112) -> np.ndarray:
@@ -311,3 +312,25 @@ def test_load_backbone_reads_official_weights_file(tmp_path):
     x = uint8_to_tensor(random_images(2))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_cli_evaluates_a_vit_exported_by_train_fr(tmp_path):
+    # train_fr writes every backbone this way (<output_dir>/backbone and each checkpoint): a ViT too
+    from recipes.backbones import build_backbone, export_backbone
+
+    kwargs = {"embed_dim": 32, "depth": 1, "num_heads": 2}
+    torch.manual_seed(0)
+    vit = build_backbone("vit_s", 16, kwargs).eval()
+    export_backbone(vit, tmp_path / "backbone", "vit_s", 16, kwargs)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    images, issame = random_images(20, seed=9), [i % 2 == 0 for i in range(10)]
+    write_bin(data_dir / "lfw.bin", images, issame)
+
+    summary = eval_fr.main(["--model", str(tmp_path / "backbone"), "--data-dir", str(data_dir), "--sets", "lfw",
+                            "--batch-size", "4", "--device", "cpu"])
+
+    expected = embed_pairs(vit, images, batch_size=4)
+    sim = pair_similarities(expected)
+    assert summary["metrics"]["lfw"]["num_pairs"] == 10
+    assert summary["metrics"]["lfw"]["accuracy"] == verification_metrics(sim, np.array(issame))["accuracy"]
