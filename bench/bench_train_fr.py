@@ -18,10 +18,15 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+
+if __package__ in (None, ""):  # run by path from any directory: import this checkout's recipes package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _jpeg_cells(count: int, seed: int = 0) -> list[dict]:
@@ -63,8 +68,9 @@ def bench_data(images: int) -> dict:
 
 
 def bench_train(backbone_name: str, batch_size: int, classes: int, steps: int, warmup: int, kwargs: dict) -> dict:
+    from recipes.backbones import build_backbone
     from recipes.margin_head import ShardedMarginHead
-    from recipes.train_fr import build_backbone, parameter_groups
+    from recipes.train_fr import parameter_groups
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)

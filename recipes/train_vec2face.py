@@ -11,9 +11,12 @@ One GPU, several GPUs, or CPU processes (gloo)::
 (``accelerate launch --cpu --num_processes 2`` starts ONE process; two CPU processes need
 ``--multi_gpu``, the script itself picks ``Accelerator(cpu=True)`` when CUDA is missing.)
 
-``--config`` takes a preset name (:data:`PRESETS`) or a JSON file of overrides (a run's
-``config.json`` works); every other argument is a strict ``--field=value`` override of
-:class:`TrainConfig` (unknown fields are rejected). ``--help`` lists the fields.
+Config (:mod:`recipes.vec2face_config`, parsed by :mod:`recipes.config` like ``train_fr``'s):
+``--config`` takes a preset name or a YAML/JSON file of fields (a run's ``config.json`` works);
+every other argument is a ``--field=value`` override (unknown fields are rejected); ``--help``
+lists every field with its default. ``--gradient_checkpointing`` (or ``--gradient-checkpointing``)
+recomputes the generator's blocks in backward (``Vec2Face.enable_gradient_checkpointing``): less
+activation memory for the 174M-parameter generator at the cost of a second forward.
 
 Data: any ``datasets`` image dataset of aligned 112x112 RGB faces — ``load_dataset(dataset,
 dataset_config, split=split)`` of a Hub repo, a local folder of images (imagefolder) or of
@@ -60,293 +63,51 @@ recognizer) that ``Vec2FacePipeline.from_pretrained`` loads.
 
 from __future__ import annotations
 
+if __package__ in (None, ""):  # run by path (`accelerate launch recipes/train_vec2face.py`): import the checkout's package
+    import sys
+    from pathlib import Path
+
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the checkout root instead of recipes/
 import dataclasses
-import hashlib
 import json
 import math
 import os
 import shutil
 import sys
 import time
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
-from vec2face_model.models.generator import TRAINING_MASK_RATIO
-from vec2face_model.convert import weights_sha256
+from recipes.config import parse_or_exit, save_config
+from recipes.vec2face_config import GENERATOR_ARCHS, PRESETS, RESUME_FREE_FIELDS, TrainConfig, parse_config
+from recipes.vec2face_data import (
+    FaceTrainingData,
+    add_identity_features,
+    epoch_batches,
+    load_recognizer,
+    load_training_dataset,
+)
+from recipes.vec2face_losses import PerceptualLoss, Vec2FaceObjective, build_lpips
+from recipes.vec2face_step import TrainingParts, train_step
+from vec2face_model.errors import InvalidInputError
 from vec2face_model.seeding import derive_seed
 
-try:  # inside the repository (tests, `python -m recipes.train_vec2face`)
-    from recipes.vec2face_losses import LossWeights, PerceptualLoss, Vec2FaceObjective, build_lpips
-except ModuleNotFoundError as err:  # run as a file: recipes/ itself is sys.path[0]
-    if err.name != "recipes":
-        raise
-    from vec2face_losses import LossWeights, PerceptualLoss, Vec2FaceObjective, build_lpips
-
 __all__ = [
-    "GENERATOR_ARCHS", "PRESETS", "TrainConfig", "TrainResult", "epoch_batches", "find_checkpoint",
-    "learning_rate", "load_recognizer", "load_training_dataset", "add_identity_features", "main",
-    "parse_config", "train", "train_step", "TrainingParts", "usage",
+    # defined here
+    "TrainResult", "TrainingParts", "build_discriminator", "build_generator", "find_checkpoint", "learning_rate", "main",
+    "train", "train_step",
+    # the recipe's config and data, re-exported so `recipes.train_vec2face` stays the one entry point
+    "GENERATOR_ARCHS", "PRESETS", "TrainConfig", "add_identity_features", "epoch_batches", "load_recognizer",
+    "load_training_dataset", "parse_config",
 ]
 
-# Seed streams of this recipe (kept apart from vec2face_model.seeding's dataset-generation streams).
+# Seed streams of this recipe, kept apart from vec2face_model.seeding's dataset-generation streams:
+# 401 initial weights (here), 402 data order (vec2face_data.py), 403 masks and 404 dropout (vec2face_step.py).
 STREAM_INIT = 401
-STREAM_DATA_ORDER = 402
-STREAM_MASK = 403
-STREAM_DROPOUT = 404
-
-FEATURE_MODES = ("cached", "online", "column")
-PRECISIONS = ("auto", "no", "fp16", "bf16")
-FEATURE_CACHE_VERSION = 1  # bump when the feature computation changes, to invalidate caches
-
-GENERATOR_ARCHS: dict[str, dict[str, Any]] = {
-    "base": {},  # the released vec2face_vit_base_patch16 (174M parameters)
-    "large": dict(embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=1024, decoder_depth=8, decoder_num_heads=16),
-    "huge": dict(embed_dim=1280, depth=32, num_heads=16, decoder_embed_dim=1280, decoder_depth=8, decoder_num_heads=16),
-    "tiny": dict(embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4,
-                 image_decoder_channels=32, z_channels=32),  # smoke tests only
-}
-
-# -- config ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything a run depends on. Defaults follow the official recipe (README command, 4x32 batch)."""
-
-    # data
-    dataset: str = ""  # load_dataset path: Hub repo id, folder of images/parquet, or save_to_disk folder
-    dataset_config: str | None = None
-    split: str = "train"
-    image_column: str = "image"  # aligned 112x112 RGB faces
-    max_samples: int | None = None  # use only the first N images
-    num_workers: int = 4
-    # identity features
-    recognizer: str = ""  # official .pth/.safetensors (IResNet.from_official) or IResNet.save_pretrained folder
-    features: str = "cached"  # cached: Dataset.map column | online: every step | column: already in the dataset
-    feature_column: str = "identity_feature"
-    feature_batch_size: int = 128
-    # models
-    generator_arch: str = "base"  # GENERATOR_ARCHS key; ignored when init_generator is given
-    init_generator: str | None = None  # fine-tune: official .pth, safetensors, Vec2Face folder or pipeline folder
-    init_discriminator: str | None = None  # official training checkpoint (model_disc) or PatchDiscriminator folder
-    disc_dims: tuple[int, ...] = (64, 128, 256, 512)
-    mask_ratio_min: float = TRAINING_MASK_RATIO[0]
-    mask_ratio_mu: float = TRAINING_MASK_RATIO[1]
-    mask_ratio_std: float = TRAINING_MASK_RATIO[2]
-    mask_ratio_max: float = TRAINING_MASK_RATIO[3]
-    # objective (recipes/vec2face_losses.py)
-    loss_pixel: float = 1.0
-    loss_lpips: float = 0.2
-    loss_ssim: float = 0.1  # weighs 1 - SSIM
-    loss_token: float = 1.0
-    loss_identity: float = 1.0
-    loss_gan: float = 1.0  # weighs -mean(D(x_hat)) from gan_start_epoch on
-    gan_start_epoch: float = 80.0
-    gan_adaptive_weight: bool = False  # VQGAN adaptive weight (dead code officially)
-    gan_disc_weight: float = 0.8  # only with gan_adaptive_weight
-    official_gan_gradient_leak: bool = False  # True: the generator's GAN term also trains D (official bug)
-    lpips_vgg_weights: str | None = None  # torchvision vgg16-397923af.pth; default: torch hub cache
-    lpips_lin_weights: str | None = None  # LPIPS linear heads; default: the file shipped with `lpips`
-    lpips_random_backbone: bool = False  # smoke tests only: random VGG16 trunk
-    # optimisation
-    epochs: int = 100
-    batch_size: int = 32  # per process
-    base_lr: float = 4e-5
-    lr_scale_divisor: float = 256.0  # lr = base_lr * total_batch / divisor (official code: 112, see docstring)
-    lr: float | None = None  # absolute peak lr; overrides base_lr scaling
-    min_lr: float = 0.0
-    warmup_epochs: float = 5.0
-    weight_decay: float = 0.01
-    adam_betas: tuple[float, float] = (0.9, 0.99)
-    grad_clip: float = 2.0  # max global grad norm, generator and discriminator separately; 0 disables
-    ema_decay: float | None = None  # e.g. 0.9999; the final pipeline then holds the EMA generator
-    mixed_precision: str = "auto"  # auto: launcher's setting, else fp16 on CUDA, no on CPU
-    # run
-    seed: int = 0
-    output_dir: str = "vec2face-run"
-    resume: str | None = None  # "latest" (in output_dir) or a checkpoint folder
-    max_steps: int | None = None  # stop early (the schedule still spans `epochs`)
-    log_every: int = 50
-    save_every_steps: int | None = None
-    save_every_epochs: int = 1
-    keep_checkpoints: int = 2
-
-    def __post_init__(self):
-        if self.features not in FEATURE_MODES:
-            raise ValueError(f"features must be one of {FEATURE_MODES}, got {self.features!r}")
-        if self.mixed_precision not in PRECISIONS:
-            raise ValueError(f"mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}")
-        if self.init_generator is None and self.generator_arch not in GENERATOR_ARCHS:
-            raise ValueError(f"generator_arch must be one of {tuple(GENERATOR_ARCHS)}, got {self.generator_arch!r}")
-        lo, mu, std, hi = self.mask_ratio
-        if not (0 < lo <= hi <= 1 and std > 0):
-            raise ValueError(f"need 0 < mask_ratio_min <= mask_ratio_max <= 1 and mask_ratio_std > 0, got {self.mask_ratio}")
-        for name in ("epochs", "batch_size", "log_every", "save_every_epochs", "keep_checkpoints", "feature_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_samples", "max_steps", "save_every_steps"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1 or none, got {getattr(self, name)}")
-        if self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
-        if not 0 <= self.warmup_epochs < self.epochs:
-            raise ValueError(f"warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs}")
-        if self.gan_start_epoch < 0:
-            raise ValueError(f"gan_start_epoch must be >= 0, got {self.gan_start_epoch}")
-        for name in ("base_lr", "lr_scale_divisor"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr must be > 0 or none, got {self.lr}")
-        if self.min_lr < 0 or (self.lr is not None and self.min_lr > self.lr):
-            raise ValueError(f"min_lr must be in [0, lr], got {self.min_lr}")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError(f"weight_decay and grad_clip must be >= 0, got {self.weight_decay}, {self.grad_clip}")
-        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
-            raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
-        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in (0, 1) or none, got {self.ema_decay}")
-        if not self.disc_dims or any(d < 8 or d % 8 for d in self.disc_dims):
-            raise ValueError(f"disc_dims must be multiples of 8 (GroupNorm groups), got {self.disc_dims}")
-        if not any(dataclasses.astuple(self.loss_weights)):  # building LossWeights validates each weight
-            raise ValueError("all loss weights are zero: nothing to train")
-
-    @property
-    def loss_weights(self) -> LossWeights:
-        return LossWeights(self.loss_pixel, self.loss_lpips, self.loss_ssim, self.loss_token, self.loss_identity, self.loss_gan)
-
-    @property
-    def mask_ratio(self) -> tuple[float, float, float, float]:
-        return (self.mask_ratio_min, self.mask_ratio_mu, self.mask_ratio_std, self.mask_ratio_max)
-
-    def peak_lr(self, total_batch_size: int) -> float:
-        return self.lr if self.lr is not None else self.base_lr * total_batch_size / self.lr_scale_divisor
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # The official README run (4 GPUs x 32): lr 4e-5*128/112 as the code computes it.
-    "paper": dict(lr_scale_divisor=112.0),
-    # Smoke tests on CPU: tiny generator and discriminator, random LPIPS trunk (not a perceptual
-    # distance: never for real training), GAN from epoch 1.
-    "tiny": dict(
-        generator_arch="tiny", disc_dims=(16, 32), batch_size=2, epochs=4, warmup_epochs=0.0, gan_start_epoch=1.0,
-        lr=1e-3, lpips_random_backbone=True, num_workers=0, log_every=1, feature_batch_size=16, mixed_precision="no",
-    ),
-}
-
-# Fields that may change when resuming without affecting what is computed.
-RESUME_FREE_FIELDS = {
-    "resume", "max_steps", "log_every", "save_every_steps", "save_every_epochs", "keep_checkpoints", "num_workers",
-    "output_dir", "feature_batch_size", "dataset", "recognizer", "lpips_vgg_weights", "lpips_lin_weights",
-    "init_generator", "init_discriminator",
-}
-
-
-def _coerce(name: str, hint, raw):
-    """Convert a CLI string (or a JSON value) to the field's annotated type, or raise ValueError."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null")):
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(name, inner, raw)
-    if origin is tuple:
-        items = raw
-        if isinstance(raw, str):
-            text = raw.strip()
-            items = json.loads(text) if text.startswith("[") else [t for t in text.split(",") if t.strip()]
-        if not isinstance(items, (list, tuple)):
-            raise ValueError(f"--{name}: expected a comma-separated list, got {raw!r}")
-        elem_types = [args[0]] * len(items) if (len(args) == 2 and args[1] is Ellipsis) else list(args)
-        if len(elem_types) != len(items):
-            raise ValueError(f"--{name}: expected {len(elem_types)} values, got {raw!r}")
-        return tuple(_coerce(name, t, v) for t, v in zip(elem_types, items))
-    if hint is bool:
-        if isinstance(raw, bool):
-            return raw
-        if str(raw).lower() in ("true", "1", "yes"):
-            return True
-        if str(raw).lower() in ("false", "0", "no"):
-            return False
-        raise ValueError(f"--{name}: expected true or false, got {raw!r}")
-    if hint is int:
-        if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
-            raise ValueError(f"--{name}: expected an integer, got {raw!r}")
-        try:
-            return int(raw) if not isinstance(raw, str) else int(raw.strip())
-        except ValueError:
-            raise ValueError(f"--{name}: expected an integer, got {raw!r}") from None
-    if hint is float:
-        try:
-            return float(raw)
-        except (TypeError, ValueError):
-            raise ValueError(f"--{name}: expected a number, got {raw!r}") from None
-    if hint is str:
-        if not isinstance(raw, str):
-            raise ValueError(f"--{name}: expected a string, got {raw!r}")
-        return raw
-    raise TypeError(f"unsupported config type {hint} for {name}")
-
-
-def _field_types() -> dict[str, Any]:
-    hints = typing.get_type_hints(TrainConfig)
-    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
-
-
-def _apply(values: dict[str, Any], overrides: dict[str, Any], source: str) -> None:
-    types_ = _field_types()
-    unknown = sorted(set(overrides) - set(types_))
-    if unknown:
-        raise ValueError(f"{source}: unknown config field(s) {unknown}; valid fields: {', '.join(types_)}")
-    for key, raw in overrides.items():
-        values[key] = _coerce(key, types_[key], raw)
-
-
-def parse_config(argv: Sequence[str]) -> TrainConfig:
-    """``--config=PRESET|file.json`` first, then strict ``--field=value`` overrides, into a validated config."""
-    values: dict[str, Any] = {}
-    overrides: dict[str, str] = {}
-    preset = None
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise ValueError(f"arguments must look like --field=value, got {arg!r} (see --help)")
-        key, value = arg[2:].split("=", 1)
-        if key == "config":
-            preset = value
-        elif key in overrides:
-            raise ValueError(f"--{key} given twice")
-        else:
-            overrides[key] = value
-    if preset is not None:
-        if preset in PRESETS:
-            _apply(values, PRESETS[preset], f"preset {preset!r}")
-        elif Path(preset).is_file():
-            loaded = json.loads(Path(preset).read_text())
-            if not isinstance(loaded, dict):
-                raise ValueError(f"{preset}: expected a JSON object of config fields")
-            _apply(values, loaded, preset)
-        else:
-            raise ValueError(f"--config={preset}: neither a preset ({', '.join(PRESETS)}) nor a JSON file")
-    _apply(values, overrides, "command line")
-    return TrainConfig(**values)
-
-
-def usage() -> str:
-    lines = [__doc__.split("\n\n")[0], "", "usage: train_vec2face.py [--config=PRESET|config.json] [--field=value ...]", "",
-             f"presets: {', '.join(PRESETS)}", "fields (default):"]
-    defaults = TrainConfig()
-    for name, hint in _field_types().items():
-        lines.append(f"  --{name}={getattr(defaults, name)!r}  [{getattr(hint, '__name__', hint)}]")
-    return "\n".join(lines)
 
 
 # -- schedule and data order -------------------------------------------------------------------------
@@ -363,35 +124,7 @@ def learning_rate(step: int, steps_per_epoch: int, config: TrainConfig, peak_lr:
     return config.min_lr + (peak_lr - config.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def epoch_batches(num_samples: int, batch_size: int, num_processes: int, rank: int, seed: int, epoch: int) -> list[list[int]]:
-    """This rank's batches of one epoch: a permutation keyed by (seed, epoch), cut into global batches
-    of ``batch_size·num_processes`` (last partial one dropped), each split across ranks."""
-    global_batch = batch_size * num_processes
-    generator = torch.Generator().manual_seed(derive_seed(seed, STREAM_DATA_ORDER, epoch))
-    order = torch.randperm(num_samples, generator=generator)
-    start = rank * batch_size
-    return [order[s * global_batch + start : s * global_batch + start + batch_size].tolist() for s in range(num_samples // global_batch)]
-
-
 # -- models ----------------------------------------------------------------------------------------
-
-
-def load_recognizer(path: str | os.PathLike):
-    """Frozen eval-mode IResNet from an official weight file or a ``save_pretrained`` folder
-    (a pipeline folder works too: its ``recognizer`` component is used)."""
-    from vec2face_model.models.iresnet import IResNet
-
-    path = Path(path).expanduser()
-    if path.is_dir():
-        if (path / "model_index.json").exists():
-            model = IResNet.from_pretrained(path, subfolder="recognizer")
-        else:
-            model = IResNet.from_pretrained(path)
-    elif path.is_file():
-        model = IResNet.from_official(path)
-    else:
-        raise FileNotFoundError(f"recognizer={str(path)!r}: no such file or folder (official .pth/.safetensors or IResNet folder)")
-    return model.eval().requires_grad_(False)
 
 
 def build_generator(config: TrainConfig):
@@ -423,6 +156,14 @@ def _freeze_unused_generator_parts(generator: nn.Module) -> None:
     generator.center_token.requires_grad_(False)
 
 
+def enable_gradient_checkpointing(generator: nn.Module) -> None:
+    """diffusers' ``ModelMixin.enable_gradient_checkpointing``, or an error saying the model cannot."""
+    if not getattr(generator, "_supports_gradient_checkpointing", False):
+        raise InvalidInputError(f"gradient_checkpointing=true, but {type(generator).__name__} does not support gradient "
+                                "checkpointing in this version of vec2face_model; drop --gradient_checkpointing")
+    generator.enable_gradient_checkpointing()
+
+
 class TrainerState:
     """The step counter, checkpointed with the run (everything else follows from it)."""
 
@@ -436,79 +177,6 @@ class TrainerState:
         self.global_step = int(state["global_step"])
 
 
-# -- data ------------------------------------------------------------------------------------------
-
-
-def load_training_dataset(config: TrainConfig):
-    """The image dataset (a ``datasets.Dataset``) with the image column checked."""
-    import datasets
-
-    path = Path(config.dataset).expanduser()
-    if not config.dataset:
-        raise ValueError("no --dataset given: pass a Hub dataset id, a folder of images or parquet files, or a save_to_disk folder")
-    if path.is_dir() and (path / "state.json").exists() and (path / "dataset_info.json").exists():
-        ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds[config.split]
-    else:
-        ds = datasets.load_dataset(config.dataset, config.dataset_config, split=config.split)
-    if not isinstance(ds, datasets.Dataset):
-        raise ValueError(f"{config.dataset}: expected a map-style dataset split, got {type(ds).__name__}")
-    if config.image_column not in ds.column_names:
-        raise ValueError(f"{config.dataset}: no image column {config.image_column!r}; columns: {ds.column_names} (set --image_column)")
-    if not isinstance(ds.features[config.image_column], datasets.Image):
-        raise ValueError(f"{config.dataset}: column {config.image_column!r} is {ds.features[config.image_column]}, not an Image feature")
-    if config.max_samples is not None:
-        ds = ds.select(range(min(config.max_samples, len(ds))))
-    return ds
-
-
-def _module_digest(module: nn.Module) -> str:
-    config = json.dumps(dict(getattr(module, "config", {})), sort_keys=True, default=str)
-    return hashlib.sha256((config + weights_sha256(module)).encode()).hexdigest()
-
-
-def add_identity_features(ds, recognizer: nn.Module, image_column: str, feature_column: str, batch_size: int, device) -> Any:
-    """``ds`` plus a float32 column of recognizer features of its images (``Dataset.map``).
-
-    The new fingerprint hashes the dataset fingerprint and the recognizer's weights, so datasets
-    finds the cache file of an earlier run with the same data and recognizer and skips the work.
-    """
-    from datasets.fingerprint import Hasher
-
-    from vec2face_model.conventions import from_pil
-
-    fingerprint = Hasher.hash([ds._fingerprint, _module_digest(recognizer), image_column, feature_column, FEATURE_CACHE_VERSION])
-
-    def embed(batch):
-        images = from_pil(batch[image_column]).to(device)
-        with torch.inference_mode():
-            features = recognizer(images).float().cpu().numpy()
-        return {feature_column: features}
-
-    return ds.map(embed, batched=True, batch_size=batch_size, new_fingerprint=fingerprint, desc="identity features")
-
-
-class FaceTrainingData(torch.utils.data.Dataset):
-    """Items ``{"pixel_values": [3,112,112] in [-1,1], "features": [512] (if a feature column is used)}``."""
-
-    def __init__(self, ds, image_column: str, feature_column: str | None):
-        columns = [image_column] + ([feature_column] if feature_column else [])
-        self.ds = ds.select_columns(columns)
-        self.image_column = image_column
-        self.feature_column = feature_column
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, index: int) -> dict:
-        from vec2face_model.conventions import from_pil
-
-        row = self.ds[index]
-        item = {"pixel_values": from_pil([row[self.image_column]])[0]}
-        if self.feature_column:
-            item["features"] = torch.as_tensor(row[self.feature_column], dtype=torch.float32)
-        return item
 
 
 # -- checkpoints -------------------------------------------------------------------------------------
@@ -527,9 +195,9 @@ def find_checkpoint(output_dir: Path, resume: str | None) -> Path | None:
     return path
 
 
-def _write_json(path: Path, obj) -> None:
+def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) if not isinstance(obj, str) else obj)
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
     os.replace(tmp, path)
 
 
@@ -538,7 +206,7 @@ def _save_checkpoint(accelerator, config: TrainConfig, state: TrainerState, outp
     accelerator.save_state(str(folder))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _write_json(folder / "config.json", config.to_json())
+        save_config(config, folder / "config.json")
         # written last: marks the checkpoint complete
         _write_json(folder / "trainer_state.json", {"global_step": state.global_step, **extra})
         finished = [p for p in sorted((output_dir / "checkpoints").glob("step-*")) if (p / "trainer_state.json").exists()]
@@ -574,13 +242,6 @@ def _resolve_precision(setting: str, cuda: bool) -> str | None:
     return "fp16" if cuda else "no"
 
 
-def _grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
-    params = [p for p in params if p.grad is not None]
-    if not params:
-        return 0.0
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf))
-
-
 def train(config: TrainConfig) -> TrainResult:
     """Run (or resume) training as configured; call once per process (under ``accelerate launch``)."""
     from accelerate import Accelerator
@@ -589,7 +250,7 @@ def train(config: TrainConfig) -> TrainResult:
     from vec2face_model.pipeline_vec2face import Vec2FacePipeline
 
     if not config.recognizer:
-        raise ValueError("no --recognizer given: pass an official IResNet .pth/.safetensors or an IResNet.save_pretrained folder")
+        raise InvalidInputError("no --recognizer given: pass an official IResNet .pth/.safetensors or an IResNet.save_pretrained folder")
     cuda = torch.cuda.is_available()
     accelerator = Accelerator(cpu=not cuda, mixed_precision=_resolve_precision(config.mixed_precision, cuda))
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -602,7 +263,7 @@ def train(config: TrainConfig) -> TrainResult:
 
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(output_dir / "config.json", config.to_json())
+        save_config(config, output_dir / "config.json")
     accelerator.wait_for_everyone()
 
     # 1. frozen recognizer and data
@@ -615,13 +276,13 @@ def train(config: TrainConfig) -> TrainResult:
         feature_column = config.feature_column
     elif config.features == "column":
         if config.feature_column not in ds.column_names:
-            raise ValueError(f"features=column but the dataset has no column {config.feature_column!r}; columns: {ds.column_names}")
+            raise InvalidInputError(f"features=column but the dataset has no column {config.feature_column!r}; columns: {ds.column_names}")
         feature_column = config.feature_column
     data = FaceTrainingData(ds, config.image_column, feature_column)
     total_batch = config.batch_size * world
     steps_per_epoch = len(data) // total_batch
     if steps_per_epoch < 1:
-        raise ValueError(f"{len(data)} images are fewer than one global batch ({config.batch_size} x {world} processes)")
+        raise InvalidInputError(f"{len(data)} images are fewer than one global batch ({config.batch_size} x {world} processes)")
     total_steps = steps_per_epoch * config.epochs
     gan_start_step = math.ceil(config.gan_start_epoch * steps_per_epoch)
     peak_lr = config.peak_lr(total_batch)
@@ -632,6 +293,8 @@ def train(config: TrainConfig) -> TrainResult:
         generator = build_generator(config).train()
         discriminator = build_discriminator(config).train()
     _freeze_unused_generator_parts(generator)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(generator)
     perceptual = None
     if config.loss_lpips > 0:
         lpips_model = build_lpips(config.lpips_vgg_weights, config.lpips_lin_weights, config.lpips_random_backbone, seed=config.seed)
@@ -669,7 +332,7 @@ def train(config: TrainConfig) -> TrainResult:
         if checkpoint is not None:
             saved_state = json.loads((checkpoint / "trainer_state.json").read_text())
             if saved_state.get("num_processes", world) != world:
-                raise ValueError(
+                raise InvalidInputError(
                     f"{checkpoint} was written by {saved_state['num_processes']} processes, this run has {world}; "
                     "resume with the same number of processes (the data order and RNG streams depend on it)"
                 )
@@ -731,104 +394,15 @@ def train(config: TrainConfig) -> TrainResult:
     if accelerator.is_main_process:
         final = (ema.module if ema is not None else generator).eval()
         Vec2FacePipeline(generator=final, recognizer=recognizer).save_pretrained(str(pipeline_dir))
-        _write_json(pipeline_dir / "train_vec2face_config.json", config.to_json())
+        save_config(config, pipeline_dir / "train_vec2face_config.json")
         log(f"saved the pipeline to {pipeline_dir}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(output_dir=output_dir, global_step=state.global_step, history=history, pipeline_dir=pipeline_dir)
 
 
-@dataclass
-class TrainingParts:
-    """What one optimisation step touches. ``generator``/``discriminator`` are what forward is called
-    on (DDP wrappers under several processes); ``*_module`` the plain models (masks, frozen GAN term)."""
-
-    config: TrainConfig
-    device: torch.device
-    rank: int
-    autocast: Any  # () -> context manager (accelerator.autocast)
-    generator: nn.Module
-    generator_module: nn.Module
-    discriminator: nn.Module
-    discriminator_module: nn.Module
-    recognizer: nn.Module
-    objective: Vec2FaceObjective
-    g_optimizer: torch.optim.Optimizer
-    d_optimizer: torch.optim.Optimizer
-    scaler: Any = None  # torch.amp.GradScaler for fp16, else None
-
-    @property
-    def g_params(self) -> list[torch.Tensor]:
-        return [p for group in self.g_optimizer.param_groups for p in group["params"]]
-
-    @property
-    def d_params(self) -> list[torch.Tensor]:
-        return [p for group in self.d_optimizer.param_groups for p in group["params"]]
-
-
-def train_step(parts: TrainingParts, batch: dict, step: int, gan_on: bool) -> dict[str, float]:
-    """One generator (+ discriminator, when ``gan_on``) update; returns the step's scalars."""
-    config, device = parts.config, parts.device
-    images = batch["pixel_values"].to(device, non_blocking=True)
-    if "features" in batch:
-        features = batch["features"].to(device, non_blocking=True)
-    else:
-        with torch.no_grad():
-            features = parts.recognizer(images).float()
-    # Masks and dropout are keyed by (seed, step, rank): a resumed run draws what an uninterrupted one would.
-    mask_generator = torch.Generator().manual_seed(derive_seed(config.seed, STREAM_MASK, step, parts.rank))
-    token_drop_mask, token_all_mask = parts.generator_module.draw_masks(len(images), mask_generator, ratio=config.mask_ratio)
-    torch.manual_seed(derive_seed(config.seed, STREAM_DROPOUT, step, parts.rank))
-
-    with parts.autocast():
-        output = parts.generator(features, token_drop_mask=token_drop_mask, token_all_mask=token_all_mask)
-        losses = parts.objective.generator_losses(
-            output, images, features, discriminator=parts.discriminator_module if gan_on else None,
-            last_layer=parts.generator_module.im_decoder.conv_out.weight if config.gan_adaptive_weight else None,
-        )
-        disc_loss = parts.objective.discriminator_loss(parts.discriminator, images, output.images) if gan_on else None
-    # One backward for both: the discriminator loss sees detached fakes, and the generator's GAN
-    # term runs through a frozen discriminator (unless official_gan_gradient_leak).
-    loss = losses.total if disc_loss is None else losses.total + disc_loss
-    (parts.scaler.scale(loss) if parts.scaler is not None else loss).backward()
-
-    # torch's AMP recipe for several optimizers: unscale each, clip, step each, update the scale once.
-    optimizers = [parts.g_optimizer] + ([parts.d_optimizer] if gan_on else [])
-    if parts.scaler is not None:
-        for optimizer in optimizers:
-            parts.scaler.unscale_(optimizer)
-    g_norm = _grad_norm(parts.g_params, config.grad_clip)
-    d_norm = _grad_norm(parts.d_params, config.grad_clip) if gan_on else 0.0
-    for optimizer in optimizers:
-        if parts.scaler is not None:
-            parts.scaler.step(optimizer)
-        else:
-            optimizer.step()
-    if parts.scaler is not None:
-        parts.scaler.update()
-    parts.g_optimizer.zero_grad(set_to_none=True)
-    parts.d_optimizer.zero_grad(set_to_none=True)
-
-    record = {f"loss_{name}": float(value.detach()) for name, value in losses.terms.items()}
-    record["loss"] = float(losses.total.detach())
-    record["gan_weight"] = losses.gan_weight
-    record["grad_norm_generator"] = g_norm
-    if gan_on:
-        record["loss_disc"] = float(disc_loss.detach())
-        record["grad_norm_discriminator"] = d_norm
-    return record
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(usage())
-        return 0
-    try:
-        config = parse_config(argv)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    config = parse_or_exit(TrainConfig, argv, PRESETS, prog="train_vec2face", description=__doc__)
     train(config)
     return 0
 

@@ -12,7 +12,6 @@ from PIL import Image
 
 from vec2face_model.analysis import (
     analyze_features,
-    eer,
     genuine_impostor_scores,
     identity_centers,
     intra_class_cosines,
@@ -20,7 +19,6 @@ from vec2face_model.analysis import (
     max_neighbour_cosines,
     save_sample_grid,
     separability_curve,
-    tar_at_far,
     write_report,
 )
 from vec2face_model.feature_math import cosine, cosine_matrix
@@ -279,59 +277,6 @@ def test_genuine_sampling_weights_identities_by_pair_count():
 def test_no_genuine_pairs_when_all_singletons():
     scores = genuine_impostor_scores(torch.randn(5, 4), torch.arange(5))
     assert scores.num_genuine == 0 and scores.num_impostor == 10
-
-
-# --- EER / TAR -----------------------------------------------------------------------------------
-
-
-def test_eer_zero_for_disjoint_ranges():
-    g = torch.Generator().manual_seed(0)
-    genuine = 0.6 + 0.4 * torch.rand(1000, generator=g)
-    impostor = -0.2 + 0.6 * torch.rand(5000, generator=g)
-    rate, threshold = eer(genuine, impostor)
-    assert rate == 0.0
-    assert threshold == pytest.approx(float(impostor.max()))
-    assert tar_at_far(genuine, impostor, far=1e-3)[0] == 1.0
-
-
-def test_eer_hand_computed():
-    # At t=1: FAR 2/3, FRR 1/2; at t=2: FAR 1/3, FRR 1/2 -> the gap crosses half way: EER 1/2 at 1.5.
-    assert eer([1.0, 3.0], [0.0, 2.0, 4.0]) == pytest.approx((0.5, 1.5))
-    # At t=2.5 one of four impostors is above and one of four genuine is at or below: EER 1/4 exactly.
-    assert eer([2.5, 3.5, 4.5, 5.5], [0.0, 1.0, 2.0, 3.0]) == pytest.approx((0.25, 2.5))
-    # Swapped roles: everything is misclassified.
-    assert eer([0.0], [1.0])[0] == pytest.approx(1.0)
-
-
-def test_eer_between_empirical_bounds():
-    g = torch.Generator().manual_seed(1)
-    genuine = 0.5 + 0.2 * torch.randn(300, generator=g, dtype=torch.float64)
-    impostor = 0.1 * torch.randn(700, generator=g, dtype=torch.float64)
-    rate, threshold = eer(genuine, impostor)
-    points = torch.cat([torch.tensor([-math.inf]), torch.unique(torch.cat([genuine, impostor]))])
-    far = (impostor[None] > points[:, None]).double().mean(1)
-    frr = (genuine[None] <= points[:, None]).double().mean(1)
-    assert float(torch.minimum(far, frr).max()) <= rate <= float(torch.maximum(far, frr).min())
-    assert 0.0 < rate < 0.2
-    far_at, frr_at = float((impostor > threshold).double().mean()), float((genuine <= threshold).double().mean())
-    assert abs(far_at - rate) <= 1 / 300 + 1 / 700 and abs(frr_at - rate) <= 1 / 300 + 1 / 700
-
-
-def test_tar_at_far_hand_computed():
-    impostor = torch.arange(1000) / 1000
-    tar, threshold = tar_at_far([0.5, 0.99, 0.995, 1.0], impostor, far=1e-2)
-    assert threshold == pytest.approx(0.989) and tar == 0.75
-    assert float((impostor > threshold).double().mean()) == pytest.approx(0.01)
-    # ties at the cut: the threshold is the tied score, so no impostor is accepted
-    tied = torch.tensor([0.9] * 5 + [0.1] * 995)
-    assert tar_at_far([0.95, 0.9], tied, far=1e-3) == pytest.approx((0.5, 0.9))
-
-
-def test_score_validation():
-    with pytest.raises(ValueError, match="empty"):
-        eer([], [0.1])
-    with pytest.raises(ValueError, match="far"):
-        tar_at_far([0.5], [0.1], far=0.0)
 
 
 # --- report ------------------------------------------------------------------------------------

@@ -14,22 +14,19 @@ import torch
 from PIL import Image
 
 from recipes import eval_fr
-from recipes.eval_fr import (
+from recipes.backbones import load_backbone
+from recipes.eval_fr import embed_pairs, format_markdown, pair_similarities, results_to_json
+from recipes.verification_sets import (
+    PAPER_SETS,
     EncodedImages,
     VerificationFileError,
     VerificationSet,
-    embed_pairs,
-    find_threshold,
-    format_markdown,
     load_bin,
     load_pairs,
     load_sets,
-    pair_similarities,
-    results_to_json,
-    tar_at_far,
-    verification_accuracy,
 )
 from vec2face_model.conventions import uint8_to_tensor
+from vec2face_model.verification import verification_metrics
 
 
 def random_images(n: int, seed: int = 0, size: int = 112) -> np.ndarray:
@@ -48,90 +45,6 @@ def write_bin(path, images: np.ndarray, issame, protocol=pickle.HIGHEST_PROTOCOL
         bins = [bytearray(b) for b in bins]
     path.write_bytes(pickle.dumps((bins, list(issame)), protocol=protocol))
     return path
-
-
-# -- protocol ------------------------------------------------------------------------------------
-
-
-def test_separable_scores_give_full_accuracy_and_thresholds_between_classes():
-    rng = np.random.default_rng(0)
-    genuine = rng.uniform(0.5, 0.9, 300)
-    impostor = rng.uniform(-0.2, 0.3, 300)
-    issame = rng.permutation(np.r_[np.ones(300, bool), np.zeros(300, bool)])
-    sim = np.empty(600)
-    sim[issame], sim[~issame] = genuine, impostor
-
-    result = verification_accuracy(sim, issame)
-
-    assert result["accuracy"] == 1.0 and result["accuracy_std"] == 0.0
-    assert len(result["thresholds"]) == 10 and len(result["fold_accuracies"]) == 10
-    assert all(impostor.max() < t < genuine.min() for t in result["thresholds"])
-    assert result["tar"] == 1.0
-
-
-def test_shuffled_labels_give_chance_accuracy():
-    rng = np.random.default_rng(1)
-    sim = rng.uniform(-1, 1, 6000)
-    issame = rng.random(6000) < 0.5
-    assert abs(verification_accuracy(sim, issame)["accuracy"] - 0.5) < 0.04
-
-
-def test_hand_computed_two_fold_case_with_tie_break():
-    # Fold 1 trains on pairs 2,3 (0.3 genuine, 0.6 impostor): accept-all and reject-all (0.6) both
-    # score 1/2 there, the tie goes to the larger threshold 0.6, and pairs 0,1 are then both right.
-    # Fold 2 trains on pairs 0,1: threshold (0.9 + 0.5) / 2 = 0.7 gets pair 3 right, pair 2 wrong.
-    sim = np.array([0.9, 0.5, 0.3, 0.6])
-    issame = np.array([True, False, True, False])
-
-    result = verification_accuracy(sim, issame, n_folds=2)
-
-    assert result["thresholds"] == pytest.approx([0.6, 0.7])
-    assert result["fold_accuracies"] == [1.0, 0.5]
-    assert result["accuracy"] == pytest.approx(0.75) and result["accuracy_std"] == pytest.approx(0.25)
-
-
-def test_find_threshold_uses_strict_rule_and_midpoints():
-    threshold, accuracy = find_threshold(np.array([0.2, 0.4, 0.4, 0.8]), np.array([False, False, True, True]))
-    # Candidates 0.2-, 0.3, 0.6, 0.8: 0.3 and 0.6 both get 3/4 right; the tie goes to the larger.
-    assert threshold == pytest.approx(0.6) and accuracy == 0.75
-    threshold, accuracy = find_threshold(np.array([0.5, 0.5]), np.array([True, True]))
-    assert threshold < 0.5 and accuracy == 1.0  # accept-all needs a threshold just below the minimum
-
-
-def test_tar_at_far_on_distinct_scores():
-    impostor = np.arange(2000) / 4000  # 0 .. 0.49975
-    genuine = np.array([0.2, 0.4, 0.4995, 0.6, 0.9])
-    sim = np.r_[impostor, genuine]
-    issame = np.r_[np.zeros(2000, bool), np.ones(5, bool)]
-
-    result = tar_at_far(sim, issame, far=1e-3)
-
-    # 2 false accepts allowed: the threshold is the 3rd largest impostor score, 1997/4000.
-    assert result["far_threshold"] == pytest.approx(1997 / 4000)
-    assert result["far_achieved"] == pytest.approx(1e-3)
-    assert result["tar"] == pytest.approx(3 / 5)
-
-
-def test_tar_at_far_with_tied_top_impostors():
-    impostor = np.r_[np.full(5, 0.8), np.linspace(-0.5, 0.5, 1995)]
-    genuine = np.array([0.79, 0.81, 0.95])
-    sim = np.r_[impostor, genuine]
-    issame = np.r_[np.zeros(2000, bool), np.ones(3, bool)]
-
-    result = tar_at_far(sim, issame, far=1e-3)
-
-    # Any threshold below 0.8 lets 5 > 2 impostors through, so 0.8 is the smallest allowed.
-    assert result["far_threshold"] == 0.8 and result["far_achieved"] == 0.0
-    assert result["tar"] == pytest.approx(2 / 3)
-
-
-def test_protocol_rejects_bad_input():
-    with pytest.raises(TypeError, match="boolean"):
-        verification_accuracy(np.zeros(20), np.zeros(20))
-    with pytest.raises(ValueError, match="n_folds"):
-        verification_accuracy(np.zeros(5), np.zeros(5, bool))
-    with pytest.raises(ValueError, match="NaN"):
-        verification_accuracy(np.full(20, np.nan), np.zeros(20, bool))
 
 
 # -- embeddings ----------------------------------------------------------------------------------
@@ -358,7 +271,7 @@ def test_table_with_a_missing_set():
 
 
 def test_table_with_all_sets_has_no_note():
-    results = {key: {"accuracy": 0.5} for key in eval_fr.PAPER_SETS}
+    results = {key: {"accuracy": 0.5} for key in PAPER_SETS}
     markdown = format_markdown(results)
     assert len(markdown.splitlines()) == 3 and markdown.endswith("| 50.00 | 50.00 |")
 
@@ -393,9 +306,31 @@ def test_load_backbone_reads_official_weights_file(tmp_path):
     path = tmp_path / "official.pth"
     torch.save(model.state_dict(), path)
 
-    loaded = eval_fr.load_backbone(path)
+    loaded = load_backbone(path)
 
     assert not loaded.training and loaded.config.num_features == 16
     x = uint8_to_tensor(random_images(2))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_cli_evaluates_a_vit_exported_by_train_fr(tmp_path):
+    # train_fr writes every backbone this way (<output_dir>/backbone and each checkpoint): a ViT too
+    from recipes.backbones import build_backbone, export_backbone
+
+    kwargs = {"embed_dim": 32, "depth": 1, "num_heads": 2}
+    torch.manual_seed(0)
+    vit = build_backbone("vit_s", 16, kwargs).eval()
+    export_backbone(vit, tmp_path / "backbone", "vit_s", 16, kwargs)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    images, issame = random_images(20, seed=9), [i % 2 == 0 for i in range(10)]
+    write_bin(data_dir / "lfw.bin", images, issame)
+
+    summary = eval_fr.main(["--model", str(tmp_path / "backbone"), "--data-dir", str(data_dir), "--sets", "lfw",
+                            "--batch-size", "4", "--device", "cpu"])
+
+    expected = embed_pairs(vit, images, batch_size=4)
+    sim = pair_similarities(expected)
+    assert summary["metrics"]["lfw"]["num_pairs"] == 10
+    assert summary["metrics"]["lfw"]["accuracy"] == verification_metrics(sim, np.array(issame))["accuracy"]

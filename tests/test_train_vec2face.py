@@ -23,8 +23,10 @@ import torch
 from PIL import Image
 
 from recipes import train_vec2face as tv
+from recipes.config import save_config
 from recipes import vec2face_losses as vl
 from vec2face_model.conventions import from_pil
+from vec2face_model.errors import InvalidInputError
 from vec2face_model.models.discriminator import PatchDiscriminator
 from vec2face_model.models.generator import TRAINING_MASK_RATIO, Vec2Face
 from vec2face_model.models.iresnet import IResNet
@@ -258,13 +260,13 @@ def test_presets_overrides_and_strict_cli(tmp_path, capsys):
     assert config.official_gan_gradient_leak is True and config.adam_betas == (0.5, 0.9) and config.max_samples == 3
     assert config.resume is None
     # the resolved config round-trips through JSON (what --config=<run>/config.json reads)
-    (tmp_path / "config.json").write_text(config.to_json())
+    save_config(config, tmp_path / "config.json")
     assert tv.parse_config([f"--config={tmp_path / 'config.json'}"]) == config
 
     with pytest.raises(ValueError, match=r"unknown config field\(s\) \['lr_scale'\]; valid fields: dataset, .*lr_scale_divisor"):
         tv.parse_config(["--lr_scale=112"])
     for bad, message in [
-        (["--epochs=1.5"], "expected an integer"),
+        (["--epochs=1.5"], "expected an int"),
         (["--gan_adaptive_weight=maybe"], "true or false"),
         (["--features=lmdb"], "features must be one of"),
         (["--mask_ratio_min=0.9", "--mask_ratio_max=0.5"], "mask_ratio_min <= mask_ratio_max"),
@@ -276,8 +278,9 @@ def test_presets_overrides_and_strict_cli(tmp_path, capsys):
     ]:
         with pytest.raises(ValueError, match=message):
             tv.parse_config(bad)
-    assert tv.main(["--bogus=1"]) == 2
-    assert "valid fields" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        tv.main(["--bogus=1"])
+    assert exited.value.code == 2 and "valid fields" in capsys.readouterr().err
 
 
 def test_learning_rate_warmup_then_cosine():
@@ -375,6 +378,32 @@ def test_loss_scaling_with_two_optimizers_unscales_before_clipping():
     for a, b in [(plain.generator, scaled.generator), (plain.discriminator, scaled.discriminator)]:
         for (name, p), q in zip(a.named_parameters(), b.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_gradient_checkpointing_flag_and_unsupported_model_error(monkeypatch):
+    assert tv.parse_config(["--gradient-checkpointing"]).gradient_checkpointing is True  # bare flag, either spelling
+    assert tv.parse_config(["--gradient_checkpointing=false"]).gradient_checkpointing is False
+    generator = tv.build_generator(tv.parse_config(["--config=tiny"]))
+    monkeypatch.setattr(type(generator), "_supports_gradient_checkpointing", False, raising=False)
+    with pytest.raises(InvalidInputError, match="does not support gradient checkpointing"):
+        tv.enable_gradient_checkpointing(generator)
+
+
+@pytest.mark.skipif(not getattr(Vec2Face, "_supports_gradient_checkpointing", False),
+                    reason="needs Vec2Face gradient checkpointing (vec2face_model/models/generator.py)")
+def test_gradient_checkpointing_gives_the_same_training_step():
+    config = tv.parse_config(["--config=tiny", "--loss_lpips=0", "--gradient_checkpointing"])
+    batch = {"pixel_values": from_pil(_face_like_images(2, seed=6))}
+    plain, checkpointed = _tiny_parts(config), _tiny_parts(config)
+    tv.enable_gradient_checkpointing(checkpointed.generator_module)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in checkpointed.generator_module.modules())
+    with torch.random.fork_rng(devices=[]):
+        record = tv.train_step(plain, batch, step=0, gan_on=True)
+    with torch.random.fork_rng(devices=[]):
+        record_checkpointed = tv.train_step(checkpointed, batch, step=0, gan_on=True)
+    assert record == pytest.approx(record_checkpointed, rel=1e-5)
+    for (name, p), q in zip(plain.generator.named_parameters(), checkpointed.generator.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_overfit_run_in_process_lowers_the_loss(tiny_data, tmp_path, reset_accelerate):

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .feature_math import cosine, cosine_matrix, l2_normalize
+from .verification import eer, tar_at_far  # the one home of verification metrics; re-exported here
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
@@ -78,15 +79,6 @@ def _as_labels(labels, n: int) -> torch.Tensor:
     if labels.dim() != 1 or len(labels) != n:
         raise ValueError(f"labels must be a 1-d array with one label per feature row ({n}), got shape {tuple(labels.shape)}")
     return labels.long()
-
-
-def _as_scores(x, name: str) -> torch.Tensor:
-    x = torch.as_tensor(x).double().flatten()
-    if len(x) == 0:
-        raise ValueError(f"{name} scores are empty; need at least one score")
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name} scores contain NaN or infinite values")
-    return x
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -475,46 +467,6 @@ def genuine_impostor_scores(
     )
 
 
-def eer(genuine, impostor) -> tuple[float, float]:
-    """Equal error rate and its threshold, exact on the empirical ROC.
-
-    A pair is accepted when ``score > t``. Operating points are ``t = -inf`` and every distinct
-    score; at each, FAR = fraction of impostor scores ``> t`` and FRR = fraction of genuine scores
-    ``<= t``. ``FAR - FRR`` falls from 1 to -1; between the last point where it is positive and the
-    first where it is ``<= 0`` both rates (and the threshold) are interpolated linearly, and the EER
-    is the rate where they meet. Fully separated scores give 0 with ``t`` = the largest impostor score.
-    """
-    genuine, impostor = torch.sort(_as_scores(genuine, "genuine")).values, torch.sort(_as_scores(impostor, "impostor")).values
-    thresholds = torch.unique(torch.cat([genuine, impostor]))
-    far = (len(impostor) - torch.searchsorted(impostor, thresholds, right=True)).double() / len(impostor)
-    frr = torch.searchsorted(genuine, thresholds, right=True).double() / len(genuine)
-    far = torch.cat([far.new_ones(1), far])  # t = -inf accepts everything
-    frr = torch.cat([frr.new_zeros(1), frr])
-    gap = far - frr
-    k = int(torch.nonzero(gap <= 0)[0])  # exists: at the largest score FAR = 0 and FRR = 1
-    weight = float(gap[k - 1] / (gap[k - 1] - gap[k]))
-    rate = float(far[k - 1] + weight * (far[k] - far[k - 1]))
-    upper = float(thresholds[k - 1])
-    threshold = upper if k == 1 else float(thresholds[k - 2]) + weight * (upper - float(thresholds[k - 2]))
-    return rate, threshold
-
-
-def tar_at_far(genuine, impostor, far: float = 1e-3) -> tuple[float, float]:
-    """True-accept rate at a false-accept rate of at most ``far``, and the threshold used.
-
-    A pair is accepted when ``score > t``; ``t`` is the smallest impostor score with at most
-    ``floor(far · len(impostor))`` impostor scores above it (the ``m+1``-th largest). The resolution
-    is ``1 / len(impostor)``: with fewer than ``1 / far`` impostors the threshold is the largest
-    impostor score (FAR 0).
-    """
-    genuine, impostor = _as_scores(genuine, "genuine"), _as_scores(impostor, "impostor")
-    if not 0 < far < 1:
-        raise ValueError(f"far must lie in (0, 1), got {far}")
-    allowed = math.floor(far * len(impostor) + 1e-9)  # guard against 0.1 * 1000 = 99.999...
-    threshold = float(torch.sort(impostor, descending=True).values[allowed])
-    return float((genuine > threshold).double().mean()), threshold
-
-
 # --- report ------------------------------------------------------------------------------------
 
 
@@ -593,10 +545,12 @@ def analyze_features(
         "far": far,
         "tar": None,
         "tar_threshold": None,
+        "far_achieved": None,
     }
     if scores.num_genuine and scores.num_impostor:
         verification["eer"], verification["eer_threshold"] = eer(scores.genuine, scores.impostor)
-        verification["tar"], verification["tar_threshold"] = tar_at_far(scores.genuine, scores.impostor, far)
+        at_far = tar_at_far(scores.genuine, scores.impostor, far)
+        verification["tar"], verification["tar_threshold"], verification["far_achieved"] = at_far
 
     leak = None
     if reference is not None:
