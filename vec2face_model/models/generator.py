@@ -36,6 +36,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from ..convert import StateDict, WeightsLoadError, load_official_model
+from ..errors import InvalidInputError
 
 NUM_FEATURE_TOKENS = 49  # 7x7 map, hard-coded in the official model
 SEQUENCE_LENGTH = NUM_FEATURE_TOKENS + 1  # plus the identity token at position 0
@@ -44,6 +45,9 @@ TOKEN_GRID = 7
 # Truncated-normal mask-ratio settings (min, mu, std, max) used by the official scripts.
 INFERENCE_MASK_RATIO = (0.1, 0.15, 0.25, 1.0)
 TRAINING_MASK_RATIO = (0.5, 0.75, 0.25, 1.0)
+
+# What the weights determine about the released generator; its head counts (12/16) are the defaults.
+RELEASED_SIZE = {"embed_dim": 768, "depth": 12, "decoder_depth": 8}
 
 GeneratorArg = torch.Generator | list[torch.Generator] | None
 
@@ -485,7 +489,19 @@ class Vec2Face(ModelMixin, ConfigMixin):
         Head counts cannot be read off the weights: they default to the released model's values
         (12 encoder, 16 decoder) and can be overridden, as can the mask-ratio settings.
         """
-        return load_official_model(cls, path_or_state_dict, infer_generator_config, overrides)  # unwraps checkpoint["model_vec2face"]
+        def infer_config(state_dict: StateDict, source: str) -> dict:
+            config = infer_generator_config(state_dict, source)
+            size = {key: config[key] for key in RELEASED_SIZE}
+            missing_heads = [key for key in ("num_heads", "decoder_num_heads") if key not in overrides]
+            if size != RELEASED_SIZE and missing_heads:
+                raise InvalidInputError(
+                    f"{source}: a generator of size {size}, not the released {RELEASED_SIZE}; head counts cannot be "
+                    f"read from weights, so pass {' and '.join(missing_heads)} as trained (from_official(..., "
+                    f"num_heads=..., decoder_num_heads=...); hsface convert --num-heads N --decoder-num-heads M)"
+                )
+            return config
+
+        return load_official_model(cls, path_or_state_dict, infer_config, overrides)  # unwraps checkpoint["model_vec2face"]
 
 
 def _checkpointing(module: nn.Module):
