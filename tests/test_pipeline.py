@@ -13,7 +13,8 @@ from vec2face_model.errors import HubUnreachableError
 from vec2face_model.feature_math import cosine
 from vec2face_model.models.iresnet import IResNet
 from vec2face_model.models.sixdrepnet import SixDRepNet
-from vec2face_model.pipeline_vec2face import OFFICIAL_FILES, TINY_GENERATOR, TINY_IRESNET, TINY_SIXDREPNET, _offline_advice
+from vec2face_model.pipeline_hub import offline_advice
+from vec2face_model.pipeline_vec2face import OFFICIAL_FILES, TINY_GENERATOR, TINY_IRESNET, TINY_SIXDREPNET
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +144,7 @@ def test_unreachable_repo_id_says_which_files_to_fetch_and_how(monkeypatch, tmp_
         Vec2FacePipeline.from_pretrained("someone/other-vec2face")
     # online but unreachable: no advice about a variable that is not set
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    assert "HF_HUB_OFFLINE" not in _offline_advice("BooBooWu/Vec2Face", ConnectionError("down"))
+    assert "HF_HUB_OFFLINE" not in offline_advice("BooBooWu/Vec2Face", ConnectionError("down"))
 
 
 def test_reference_mode_variations_and_interpolation(pipe):

@@ -29,7 +29,6 @@ from tqdm.auto import tqdm
 
 from . import seeding
 from .attrop import AttrOPConfig, attrop
-from .convert import WeightsLoadError
 from .conventions import from_pil, tensor_to_uint8, to_pil
 from .feature_math import cosine, l2_normalize, rescale_to_norm
 from .errors import HubUnreachableError, InvalidInputError
@@ -37,17 +36,21 @@ from .identity import IdentityPrior, PerturbedVectors, perturb, sample_identitie
 from .models.generator import Vec2Face
 from .models.iresnet import IResNet, magface_quality
 from .models.sixdrepnet import SixDRepNet
-from .pipeline_card import OFFICIAL_REPO_ID, REMOTE_CODE_MODULE, remote_code
-from .pipeline_card import model_card as build_model_card
+from .pipeline_hub import (  # noqa: F401 - OFFICIAL_* are part of this module's interface
+    OFFICIAL_FILES,
+    OFFICIAL_PRIOR_FEATURES,
+    OFFICIAL_REPO_ID,
+    REMOTE_CODE_MODULE,
+    check_component_weights,
+    is_hub_unreachable,
+    is_placeholder_card,
+    offline_advice,
+    raise_for_unreadable_weights,
+    remote_code,
+)
+from .pipeline_hub import model_card as build_model_card
 from .timing import StageTimer
 
-OFFICIAL_FILES = {
-    "generator": "weights/vec2face_generator.pth",
-    "recognizer": "weights/arcface-r100-glint360k.pth",
-    "quality": "weights/magface-r100-glint360k.pth",
-    "pose": "weights/6DRepNet_300W_LP_AFLW2000.pth",
-}
-OFFICIAL_PRIOR_FEATURES = "center_feature_examples.npy"
 
 PRESETS = ("random-tiny",)
 
@@ -440,9 +443,9 @@ class Vec2FacePipeline(DiffusionPipeline):
                 return cls.from_official(local, prior_features=prior_features)
             folder = cls.download(name, **kwargs)
         except Exception as err:
-            if not _is_hub_unreachable(err):
+            if not is_hub_unreachable(err):
                 raise
-            raise HubUnreachableError(_offline_advice(name, err)) from err
+            raise HubUnreachableError(offline_advice(name, err)) from err
         return cls._from_diffusers_folder(Path(folder), **kwargs)
 
     @classmethod
@@ -452,9 +455,9 @@ class Vec2FacePipeline(DiffusionPipeline):
         try:
             pipe = super().from_pretrained(folder, **kwargs)
         except (OSError, ValueError) as err:
-            _raise_for_unreadable_weights(folder, err)
+            raise_for_unreadable_weights(folder, err)
             raise
-        _check_component_weights(folder, pipe)
+        check_component_weights(folder, pipe)
         return pipe
 
     @classmethod
@@ -500,7 +503,7 @@ class Vec2FacePipeline(DiffusionPipeline):
         # folder; diffusers put the repo's existing card there, or a generic placeholder: the
         # placeholder is replaced by this pipeline's card, a card someone wrote is kept.
         readme = Path(working_dir) / "README.md"
-        if not readme.exists() or _is_placeholder_card(ModelCard.load(readme)):
+        if not readme.exists() or is_placeholder_card(ModelCard.load(readme)):
             self.model_card(repo_id).save(readme)
         return super()._upload_folder(working_dir, repo_id, *args, **kwargs)
 
@@ -547,15 +550,6 @@ TINY_IRESNET = dict(layers=[1, 1, 1, 1], num_features=512)
 TINY_SIXDREPNET = dict(num_blocks=[1, 1, 1, 1], width_multipliers=[0.25, 0.25, 0.25, 0.25])
 
 
-def _is_hub_unreachable(err: BaseException) -> bool:
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
-
-    while err is not None:
-        if isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, ConnectionError, TimeoutError)):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
-
 
 def _check_count(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -598,82 +592,3 @@ def _perturb_with_seeds(identities: torch.Tensor, images_per_identity: int, seed
     parts = [perturb(identities[i : i + 1], images_per_identity, seed=int(s), identity_offset=identity_offset + i, **options)
              for i, s in enumerate(seeds.tolist())]
     return PerturbedVectors(*(torch.cat([getattr(p, f) for p in parts]) for f in PerturbedVectors.__dataclass_fields__))
-
-
-def _offline_advice(name: str, err: BaseException) -> str:
-    """What to do when the Hub is unreachable: fetch only the needed files elsewhere (huggingface_hub's
-    ``hf`` command), then pass the local folder."""
-    if name == OFFICIAL_REPO_ID:
-        files = " ".join([*OFFICIAL_FILES.values(), OFFICIAL_PRIOR_FEATURES])
-        command, local = f"hf download {name} {files} --local-dir Vec2Face", "Vec2Face"
-    else:
-        local = name.split("/")[1]
-        command = f"hf download {name} --local-dir {local}"
-    offline = " HF_HUB_OFFLINE is set, so nothing was fetched: unset it to download." if _hub_offline() else ""
-    return (
-        f"Could not reach the Hugging Face Hub for {name!r} ({type(err).__name__}).{offline} On a machine with "
-        f"network access run `{command}`, copy the folder here and pass the local folder: "
-        f"Vec2FacePipeline.from_pretrained({local!r})."
-    )
-
-
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
-def _is_placeholder_card(card: ModelCard) -> bool:
-    """diffusers' generated stand-in card: no metadata but its library name, template body."""
-    metadata = {k: v for k, v in card.data.to_dict().items() if v is not None}
-    return set(metadata) <= {"library_name"} and "automatically generated" in card.text
-
-
-def _weight_files(folder: Path) -> dict[str, list[Path]]:
-    """Component name -> its safetensors files, for the components ``model_index.json`` lists."""
-    index = json.loads((folder / "model_index.json").read_text())
-    return {
-        name: sorted((folder / name).glob("*.safetensors"))
-        for name, entry in index.items()
-        if not name.startswith("_") and isinstance(entry, list) and entry[0] is not None
-    }
-
-
-def _raise_for_unreadable_weights(folder: Path, err: BaseException) -> None:
-    """Re-raise diffusers' load failure as WeightsLoadError naming the broken file, if one is."""
-    from safetensors import safe_open
-
-    if not (folder / "model_index.json").exists():
-        return
-    for files in _weight_files(folder).values():
-        for file in files:
-            try:
-                with safe_open(str(file), "pt"):
-                    pass
-            except Exception as bad:  # noqa: BLE001 - any failure to open is what we report
-                raise WeightsLoadError(
-                    f"{file}: not a readable safetensors file (truncated or corrupt?): {bad}. Save or download "
-                    "the pipeline again."
-                ) from err
-
-
-def _check_component_weights(folder: Path, pipe: "Vec2FacePipeline") -> None:
-    from safetensors import safe_open
-
-    for name, files in _weight_files(folder).items():
-        module = getattr(pipe, name, None)
-        if module is None or not files:
-            continue
-        stored = set()
-        for file in files:
-            with safe_open(str(file), "pt") as handle:
-                stored |= set(handle.keys())
-        expected = set(module.state_dict())
-        missing, unexpected = sorted(expected - stored), sorted(stored - expected)
-        if missing or unexpected:
-            shown = files[0] if len(files) == 1 else folder / name
-            raise WeightsLoadError(
-                f"{shown} does not hold {type(module).__name__} weights: {len(missing)} missing key(s) "
-                f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}. Is this the right file for "
-                "this component, and does its config.json match it?"
-            )
