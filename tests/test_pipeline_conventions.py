@@ -216,6 +216,7 @@ def test_a_schedule_of_only_attrop_images_works(pipe):
         (lambda p, v: p(v, images_per_identity=0), "images_per_identity must be a positive integer, got 0"),
         (lambda p, v: p(v, batch_size=0), "batch_size must be a positive integer"),
         (lambda p, v: p(v, seed=-1), "seed must be a non-negative integer"),
+        (lambda p, v: p(v, identity_offset=-2), "identity_offset must be a non-negative integer"),
         (lambda p, v: p(v, images_per_identity=1, attrop=AttrOPSchedule(groups=((2, 60.0),))), "needs 2 images per identity"),
         (lambda p, v: p(v, generator=3), "torch.Generator"),
         (lambda p, v: p.sample_identities(0), "num_identities must be a positive integer"),

@@ -179,6 +179,8 @@ class Vec2FacePipeline(DiffusionPipeline):
             raise InvalidInputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         _check_count("images_per_identity", images_per_identity)
         _check_count("batch_size", batch_size)
+        if isinstance(identity_offset, bool) or not isinstance(identity_offset, (int, np.integer)) or identity_offset < 0:
+            raise InvalidInputError(f"identity_offset must be a non-negative integer, got {identity_offset!r}")
         if identity_vectors is None:
             if num_identities is None:
                 raise InvalidInputError("pass identity_vectors ([N, 512]) or num_identities (how many to sample)")
