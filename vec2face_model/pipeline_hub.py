@@ -134,15 +134,18 @@ def offline_advice(name: str, err: BaseException) -> str:
         f"Vec2FacePipeline.from_pretrained({local!r})."
     )
 
+
 def _hub_offline() -> bool:
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE)
 
+
 def is_placeholder_card(card: ModelCard) -> bool:
     """diffusers' generated stand-in card: no metadata but its library name, template body."""
     metadata = {k: v for k, v in card.data.to_dict().items() if v is not None}
     return set(metadata) <= {"library_name"} and "automatically generated" in card.text
+
 
 def _weight_files(folder: Path) -> dict[str, list[Path]]:
     """Component name -> its safetensors files, for the components ``model_index.json`` lists."""
@@ -152,6 +155,7 @@ def _weight_files(folder: Path) -> dict[str, list[Path]]:
         for name, entry in index.items()
         if not name.startswith("_") and isinstance(entry, list) and entry[0] is not None
     }
+
 
 def raise_for_unreadable_weights(folder: Path, err: BaseException) -> None:
     """Re-raise diffusers' load failure as WeightsLoadError naming the broken file, if one is."""
@@ -170,7 +174,10 @@ def raise_for_unreadable_weights(folder: Path, err: BaseException) -> None:
                     "the pipeline again."
                 ) from err
 
-def check_component_weights(folder: Path, pipe: "Vec2FacePipeline") -> None:
+
+def check_component_weights(folder: Path, pipe: "Vec2FacePipeline") -> None:  # noqa: F821 - annotation only
+    """WeightsLoadError unless each component's files hold exactly its state-dict keys (diffusers
+    only warns about missing keys and initialises them randomly)."""
     from safetensors import safe_open
 
     for name, files in _weight_files(folder).items():

@@ -299,10 +299,22 @@ class ImageDecoder(nn.Module):
         self._gradient_checkpointing_func = None
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        # The same sequence as mid(...) then each level(...); with checkpointing on, each ResnetBlock,
+        # upsampling and the output head is its own segment: the full-resolution blocks hold the
+        # largest activations, so whole levels as segments would keep most of the memory.
         checkpoint = _checkpointing(self)
-        h = checkpoint(self.mid, self.conv_in(z))
+        h = self.conv_in(z)
+        for unit in self._units():
+            h = checkpoint(unit, h)
+        return checkpoint(self._head, h)
+
+    def _units(self) -> list[nn.Module]:
+        units = [self.mid.block_1, self.mid.block_2]
         for level in reversed(self.up):
-            h = checkpoint(level, h)
+            units += list(level.block) + ([level.upsample] if hasattr(level, "upsample") else [])
+        return units
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
         return self.conv_out(F.silu(self.norm_out(h), inplace=not torch.is_grad_enabled()))
 
 
