@@ -20,7 +20,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from builder.hsface_builder import SHARD_FEATURES
+from builder.config import get_config
+from builder.hsface_builder import shard_features
+
+SHARD_FEATURES = shard_features(get_config("10k"))
 
 
 def folder_with_card(root: Path, num_identities: int) -> int:

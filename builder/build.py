@@ -46,7 +46,7 @@ from vec2face_model.timing import StageTimer
 from .card import write_card
 from .config import HSFaceConfig
 from .files import OutputFolder, sha256_file, write_bytes_atomic, write_json_atomic
-from .hsface_builder import SHARD_FEATURES, configure_pipeline, generate_shard, load_pipeline, sample_config_identities, shard_examples
+from .hsface_builder import configure_pipeline, generate_shard, load_pipeline, sample_config_identities, shard_examples, shard_features
 from .parquet_writer import ShardWriter
 
 GENERATION_FILE = "generation.json"
@@ -241,8 +241,8 @@ def build(
         pipe = pipe if pipe is not None else load_pipeline(config.model)
         configure_pipeline(pipe.to(state.device), config)
         record = {"config": config.name, "parameters": config.content(), "provenance": model_provenance(pipe),
-                  "features": SHARD_FEATURES.to_dict()}
-    writer = ShardWriter(config_dir, config.num_shards, SHARD_FEATURES)
+                  "features": shard_features(config).to_dict()}
+    writer = ShardWriter(config_dir, config.num_shards, shard_features(config))
     todo: list[int] = []
     if state.is_main_process:
         recorded = config_dir / GENERATION_FILE

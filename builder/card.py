@@ -21,6 +21,7 @@ from datasets import ClassLabel
 from huggingface_hub import DatasetCard, DatasetCardData
 from PIL import Image
 
+from .config import steers_beyond_yaw
 from .hsface_builder import CITATION, hsface_features
 
 GRID_IDENTITIES = 8
@@ -101,7 +102,7 @@ def card_data(out_dir: Path, configs: dict[str, dict]) -> DatasetCardData:
         dataset_info=[
             {
                 "config_name": name,
-                "features": hsface_features(info["generation"]["parameters"]["num_identities"])._to_yaml_list(),
+                "features": _features_of(info["generation"]["parameters"])._to_yaml_list(),
                 "splits": [{"name": "train", "num_bytes": _arrow_bytes(out_dir / name, info["manifest"]),
                             "num_examples": info["manifest"]["num_rows"]}],
                 "download_size": sum((out_dir / name / e["file"]).stat().st_size for e in info["manifest"]["shards"]),
@@ -192,7 +193,8 @@ def render_card(out_dir: Path, configs: dict[str, dict]) -> str:
         "",
         "Columns: `image` (112x112 aligned face), `label` (identity index), `image_index`, `sigma` "
         "(perturbation level), `cos_to_identity`, and for AttrOP images `attrop_target_yaw`, `attrop_success`, "
-        "`yaw`, `quality` (null otherwise).",
+        "`yaw`, `quality` (null otherwise). Configs whose schedule steers pitch or roll also have "
+        "`attrop_target_pitch`, `attrop_target_roll`, `pitch`, `roll`.",
         "",
         "After rebuilding a local folder, load it with `download_mode='force_redownload'`: `datasets` caches a "
         "local folder under its name, not its content.",
@@ -207,6 +209,10 @@ def render_card(out_dir: Path, configs: dict[str, dict]) -> str:
     body += ["## Citation", "", "```bibtex", CITATION, "```", ""]
     card = DatasetCard(f"---\n{card_data(out_dir, configs).to_yaml()}\n---\n\n" + "\n".join(body))
     return str(card)
+
+
+def _features_of(parameters: dict):
+    return hsface_features(parameters["num_identities"], steers_beyond_yaw(parameters.get("attrop_groups", [])))
 
 
 def write_card(out_dir: str | Path) -> Path:

@@ -25,6 +25,11 @@ CONTENT_FIELDS = (
 )
 
 
+def steers_beyond_yaw(attrop_groups) -> bool:
+    """Whether AttrOP groups ``(count, yaw[, pitch[, roll]])`` target pitch or roll."""
+    return any(t is not None for group in attrop_groups for t in group[2:])
+
+
 @dataclass
 class HSFaceConfig(datasets.BuilderConfig):
     """One HSFace config. Defaults are the paper's recipe (HSFace10K..300K, 50 images per identity):
@@ -39,7 +44,7 @@ class HSFaceConfig(datasets.BuilderConfig):
     sigmas: tuple[float, ...] = (0.3, 0.5, 0.7)
     fractions: tuple[float, ...] = (0.4, 0.4, 0.2)
     min_similarity: float = 0.5
-    attrop_groups: tuple[tuple[int, float], ...] = ((20, 60.0), (10, 85.0))
+    attrop_groups: tuple[tuple, ...] = ((20, 60.0), (10, 85.0))  # (count, yaw[, pitch[, roll]]) per group
     attrop_quality: float = 27.0
     attrop_max_steps: int = 30
     attrop_lr: float = 0.1
@@ -57,7 +62,8 @@ class HSFaceConfig(datasets.BuilderConfig):
         super().__post_init__()
         self.sigmas = tuple(float(s) for s in self.sigmas)
         self.fractions = tuple(float(f) for f in self.fractions)
-        self.attrop_groups = tuple((int(c), float(y)) for c, y in self.attrop_groups)
+        # (count, yaw[, pitch[, roll]]); None leaves an angle free
+        self.attrop_groups = tuple((int(g[0]), *(None if t is None else float(t) for t in g[1:])) for g in self.attrop_groups)
         for name in ("num_identities", "images_per_identity", "identities_per_shard", "batch_size"):
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -66,7 +72,12 @@ class HSFaceConfig(datasets.BuilderConfig):
         if self.precision not in PRECISIONS:
             raise InvalidInputError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.attrop_groups:
-            self.attrop_schedule().target_yaws(self.images_per_identity)  # validates the schedule fits
+            self.attrop_schedule().pose_targets(self.images_per_identity)  # validates the schedule fits
+
+    @property
+    def steers_beyond_yaw(self) -> bool:
+        """Whether the AttrOP schedule targets pitch or roll (the shards then have those columns)."""
+        return steers_beyond_yaw(self.attrop_groups)
 
     @property
     def num_shards(self) -> int:

@@ -25,7 +25,18 @@ from vec2face_model.pipeline_vec2face import Vec2FacePipeline, Vec2FacePipelineO
 
 from .config import PRESETS, HSFaceConfig
 
-def _features(label: datasets.ClassLabel | datasets.Value) -> datasets.Features:
+# Present only in configs whose AttrOP schedule steers pitch or roll, so the paper configs' shards
+# keep their bytes (their pose images are steered in yaw alone).
+POSE_BEYOND_YAW_COLUMNS = ("attrop_target_pitch", "attrop_target_roll", "pitch", "roll")
+
+
+def _features(label: datasets.ClassLabel | datasets.Value, pose_beyond_yaw: bool = False) -> datasets.Features:
+    pose = {
+        "attrop_target_pitch": datasets.Value("float32"),  # signed degrees; null where not steered in pitch
+        "attrop_target_roll": datasets.Value("float32"),  # absolute degrees; null where not steered in roll
+        "pitch": datasets.Value("float32"),  # measured by the pose model where AttrOP ran, else null
+        "roll": datasets.Value("float32"),  # likewise
+    } if pose_beyond_yaw else {}
     return datasets.Features(
         {
             "image": datasets.Image(),
@@ -37,6 +48,7 @@ def _features(label: datasets.ClassLabel | datasets.Value) -> datasets.Features:
             "attrop_success": datasets.Value("bool"),  # null for plain images
             "yaw": datasets.Value("float32"),  # measured by the pose model where AttrOP ran, else null
             "quality": datasets.Value("float32"),  # MagFace feature norm where AttrOP ran, else null
+            **pose,
         }
     )
 
@@ -49,26 +61,27 @@ def _features(label: datasets.ClassLabel | datasets.Value) -> datasets.Features:
 CLASS_LABEL_MAX_IDENTITIES = 20_000
 
 
-def hsface_features(num_identities: int) -> datasets.Features:
+def hsface_features(num_identities: int, pose_beyond_yaw: bool = False) -> datasets.Features:
     """The columns users see. ``label`` (global identity index) is a ``ClassLabel`` of
     ``num_identities`` classes, so ``features["label"].num_classes`` and
     ``train_test_split(stratify_by_column="label")`` work; above :data:`CLASS_LABEL_MAX_IDENTITIES`
     it is the plain int64 index (``cast_column("label", ClassLabel(num_classes=N))`` makes the ClassLabel)."""
     if num_identities <= CLASS_LABEL_MAX_IDENTITIES:
-        return _features(datasets.ClassLabel(num_classes=num_identities))
-    return _features(datasets.Value("int64"))
+        return _features(datasets.ClassLabel(num_classes=num_identities), pose_beyond_yaw)
+    return _features(datasets.Value("int64"), pose_beyond_yaw)
 
 
 def features(config: HSFaceConfig) -> datasets.Features:
     """:func:`hsface_features` of a config."""
-    return hsface_features(config.num_identities)
+    return hsface_features(config.num_identities, config.steers_beyond_yaw)
 
 
 # The columns as stored in the parquet shards: ``label`` as ClassLabel's storage type (int64). A
 # ClassLabel schema would carry its N names in every shard, twice (parquet keeps the schema metadata
 # and the Arrow schema): 6.7 MB per shard at 300k identities. The card's ``dataset_info`` declares the
 # ClassLabel, which ``load_dataset`` applies to the shards.
-SHARD_FEATURES = _features(datasets.Value("int64"))
+def shard_features(config: HSFaceConfig) -> datasets.Features:
+    return _features(datasets.Value("int64"), config.steers_beyond_yaw)
 
 
 CITATION = """@inproceedings{wu2025vec2face,
@@ -140,9 +153,14 @@ def shard_examples(out: Vec2FacePipelineOutput, image_format: str, map_fn: Calla
     """Dataset rows of a generated shard, images encoded; ``map_fn`` may be a thread pool's ``map``
     (PNG's zlib step runs outside the GIL)."""
     encoded = map_fn(partial(encode_image, image_format=image_format), out.images)
+    targets = [out.attrop_target_yaw, out.attrop_target_pitch, out.attrop_target_roll]
+    targets = np.stack([t if t is not None else np.full(len(out.labels), np.nan) for t in targets], axis=1)
+    beyond_yaw = bool(np.isfinite(targets[:, 1:]).any())  # the same for every shard of a config
     examples = []
     for r, image in enumerate(encoded):
-        steered = not np.isnan(out.attrop_target_yaw[r])
+        steered = bool(np.isfinite(targets[r]).any())
+        pose = {"attrop_target_pitch": _optional(targets[r, 1]), "attrop_target_roll": _optional(targets[r, 2]),
+                "pitch": _optional(out.pitch[r]), "roll": _optional(out.roll[r])} if beyond_yaw else {}
         examples.append(
             {
                 "image": {"bytes": image, "path": None},
@@ -154,6 +172,7 @@ def shard_examples(out: Vec2FacePipelineOutput, image_format: str, map_fn: Calla
                 "attrop_success": bool(out.attrop_success[r]) if steered else None,
                 "yaw": _optional(out.yaw[r]),
                 "quality": _optional(out.quality[r]),
+                **pose,
             }
         )
     return examples

@@ -12,7 +12,9 @@ AttrOP. Every image is a function of (seed, identity index, image index) only.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -63,23 +65,35 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 class AttrOPSchedule:
     """Which images of each identity AttrOP steers, and towards what.
 
-    ``groups`` lists (count, target_yaw) pairs; they take the *last* images of every identity, in
-    order (the HSFace recipe: 20 images at yaw 60 and 10 at yaw 85 out of 50). All use the same
-    quality target and limits from ``config`` (its ``target_yaw`` is replaced per group).
+    ``groups`` lists ``(count, target_yaw)`` entries, optionally ``(count, target_yaw, target_pitch)``
+    or ``(count, target_yaw, target_pitch, target_roll)`` (a None target is not steered); they take
+    the *last* images of every identity, in order (the HSFace recipe: 20 images at yaw 60 and 10 at
+    yaw 85 out of 50). All use the same quality target and limits from ``config`` (its pose targets
+    are replaced per group).
     """
 
-    groups: tuple[tuple[int, float], ...] = ((20, 60.0), (10, 85.0))
+    groups: tuple[tuple, ...] = ((20, 60.0), (10, 85.0))
     config: AttrOPConfig = field(default_factory=AttrOPConfig)
 
+    def pose_targets(self, images_per_identity: int) -> list[tuple[float | None, float | None, float | None] | None]:
+        """Per image index: its (yaw, pitch, roll) targets, or None for a plain image."""
+        targets: list[tuple | None] = []
+        for group in self.groups:
+            if not 2 <= len(group) <= 4:
+                raise InvalidInputError(f"an AttrOP group is (count, yaw[, pitch[, roll]]), got {group!r}")
+            count, *pose = group
+            pose = tuple(None if t is None else float(t) for t in (*pose, None, None)[:3])
+            if all(t is None for t in pose):
+                raise InvalidInputError(f"the AttrOP group {group!r} sets no pose target")
+            AttrOPConfig(target_yaw=pose[0], target_pitch=pose[1], target_roll=pose[2])  # range checks
+            targets += [pose] * int(count)
+        if len(targets) > images_per_identity:
+            raise InvalidInputError(f"AttrOP schedule needs {len(targets)} images per identity, only {images_per_identity} requested")
+        return [None] * (images_per_identity - len(targets)) + targets
+
     def target_yaws(self, images_per_identity: int) -> list[float | None]:
-        """Per image index: the yaw target, or None for a plain image."""
-        total = sum(count for count, _ in self.groups)
-        if total > images_per_identity:
-            raise InvalidInputError(f"AttrOP schedule needs {total} images per identity, only {images_per_identity} requested")
-        targets: list[float | None] = [None] * (images_per_identity - total)
-        for count, yaw in self.groups:
-            targets += [float(yaw)] * count
-        return targets
+        """Per image index: the yaw target, or None for a plain image (or one steered in pitch/roll only)."""
+        return [None if t is None else t[0] for t in self.pose_targets(images_per_identity)]
 
 
 @dataclass
@@ -91,6 +105,8 @@ class Vec2FacePipelineOutput(BaseOutput):
     NaN for plain images; yaw / quality: measured by the pose / quality models where AttrOP ran
     (NaN elsewhere); attrop_success: AttrOP met its criteria (False for plain images).
     timings: seconds spent per stage of the call (sample, refine, perturb, decode, attrop).
+    attrop_target_pitch / attrop_target_roll: NaN where not steered in that angle; pitch / roll:
+    measured like yaw.
     """
 
     images: list | np.ndarray | torch.Tensor
@@ -105,6 +121,10 @@ class Vec2FacePipelineOutput(BaseOutput):
     identity_vectors: torch.Tensor
     vectors: torch.Tensor
     timings: dict[str, float] | None = None
+    attrop_target_pitch: np.ndarray | None = None
+    attrop_target_roll: np.ndarray | None = None
+    pitch: np.ndarray | None = None
+    roll: np.ndarray | None = None
 
 
 class Vec2FacePipeline(DiffusionPipeline):
@@ -189,8 +209,7 @@ class Vec2FacePipeline(DiffusionPipeline):
         else:
             identity_vectors = validate_identity_vectors(identity_vectors, self.generator.config.rep_dim)
             count_ids = len(identity_vectors)
-        if attrop is not None:
-            attrop.target_yaws(images_per_identity)  # a schedule that does not fit fails before any work
+        per_image = attrop.pose_targets(images_per_identity) if attrop is not None else [None] * images_per_identity
         seeds = _identity_seeds(generator, seed, count_ids)
         autocast = torch.autocast(self.device.type, dtype=PRECISIONS[precision] or torch.bfloat16, enabled=precision != "fp32")
         clock = StageTimer(self.device)
@@ -215,13 +234,13 @@ class Vec2FacePipeline(DiffusionPipeline):
         image_index = perturbed.image_index.cpu()
         row_seeds = seeds[labels - identity_offset]
         count = len(vectors)
-        target_yaw = torch.full((count,), float("nan"))
-        if attrop is not None:
-            per_image = attrop.target_yaws(images_per_identity)
-            target_yaw = torch.tensor([float("nan") if y is None else y for y in per_image]).repeat(len(identities))
+        # the AttrOP group of every image (-1: plain), and its (yaw, pitch, roll) targets (NaN: none)
+        groups = list(dict.fromkeys(t for t in per_image if t is not None))
+        group = torch.tensor([-1 if t is None else groups.index(t) for t in per_image])[image_index]
+        targets = torch.tensor([(math.nan,) * 3 if t is None else tuple(math.nan if a is None else a for a in t) for t in per_image])[image_index]
         # uint8 as soon as a batch is done unless tensors were asked for: 4x less memory per image
         images = _ImageStore(count, as_uint8=output_type != "pt")
-        yaw = torch.full((count,), float("nan"))
+        angles = torch.full((count, 3), float("nan"))  # measured (yaw, pitch, roll)
         quality = torch.full((count,), float("nan"))
         success = torch.zeros(count, dtype=torch.bool)
 
@@ -233,18 +252,19 @@ class Vec2FacePipeline(DiffusionPipeline):
         with autocast, self._progress(count, "Vec2Face", "img", progress) as bar:
             # 4. plain decoding
             with clock.stage("decode"):
-                for rows in _batches(torch.nonzero(target_yaw.isnan()).flatten(), batch_size):
+                for rows in _batches(torch.nonzero(group == -1).flatten(), batch_size):
                     images.put(rows, self.decode(vectors[rows], labels[rows], image_index[rows], seed=row_seeds[rows]))
                     finished(rows)
             # 5. AttrOP for the scheduled pose images (section 3.3)
             with clock.stage("attrop"):
-                for target in target_yaw[~target_yaw.isnan()].unique().tolist():
-                    config = AttrOPConfig(**{**attrop.config.__dict__, "target_yaw": target})
-                    for rows in _batches(torch.nonzero(target_yaw == target).flatten(), batch_size):
+                for g, (target_yaw, target_pitch, target_roll) in enumerate(groups):
+                    config = dataclasses.replace(attrop.config, target_yaw=target_yaw, target_pitch=target_pitch, target_roll=target_roll)
+                    for rows in _batches(torch.nonzero(group == g).flatten(), batch_size):
                         result = self.steer(vectors[rows], identities[labels[rows] - identity_offset], labels[rows], image_index[rows], config, seed=row_seeds[rows])
                         vectors[rows] = result.vectors.to(vectors.dtype)
                         images.put(rows, result.images)
-                        yaw[rows], quality[rows], success[rows] = result.yaw, result.quality, result.success
+                        angles[rows] = torch.stack([result.yaw, result.pitch, result.roll], dim=1)
+                        quality[rows], success[rows] = result.quality, result.success
                         finished(rows)
 
         cos = cosine(vectors, identities[labels - identity_offset]).cpu()
@@ -254,13 +274,17 @@ class Vec2FacePipeline(DiffusionPipeline):
             image_index=image_index.numpy(),
             sigma=perturbed.sigma.cpu().numpy(),
             cos_to_identity=cos.numpy(),
-            attrop_target_yaw=target_yaw.numpy(),
+            attrop_target_yaw=targets[:, 0].numpy(),
             attrop_success=success.numpy(),
-            yaw=yaw.numpy(),
+            yaw=angles[:, 0].numpy(),
             quality=quality.numpy(),
             identity_vectors=identities.cpu(),
             vectors=vectors.detach().cpu(),
             timings=clock.as_dict(),
+            attrop_target_pitch=targets[:, 1].numpy(),
+            attrop_target_roll=targets[:, 2].numpy(),
+            pitch=angles[:, 1].numpy(),
+            roll=angles[:, 2].numpy(),
         )
         return output if return_dict else output.to_tuple()
 
@@ -315,7 +339,7 @@ class Vec2FacePipeline(DiffusionPipeline):
         """AttrOP on a batch of vectors, with per-(identity, image, iteration) masks (``seed``: one int or one per row)."""
         seed = torch.as_tensor(seed, dtype=torch.long).expand(len(labels))
         missing = [name for name in ("recognizer", "quality") if getattr(self, name) is None]
-        if config.target_yaw is not None and self.pose is None:
+        if config.has_pose_target and self.pose is None:
             missing.append("pose")
         if missing:
             raise ValueError(f"AttrOP needs the {', '.join(missing)} component(s); load a pipeline that has them")
@@ -324,12 +348,12 @@ class Vec2FacePipeline(DiffusionPipeline):
             rows = rows.cpu()
             return self.decode(v, labels[rows], image_index[rows], seed=seed[rows], stream=stream, iteration=iteration)
 
-        yaw_fn = (lambda images: self.pose.predict_euler(images)[:, 1]) if self.pose is not None else None
+        pose_fn = self.pose.predict_euler if self.pose is not None else None  # [B, 3] (pitch, yaw, roll)
         return attrop(
             vectors, identity_vectors, decode,
             identity_fn=self.recognizer,
             quality_fn=lambda images: magface_quality(self.quality, images),
-            yaw_fn=yaw_fn,
+            yaw_fn=pose_fn,
             config=config,
             models=[m for m in (self.generator, self.recognizer, self.quality, self.pose) if m is not None],
         )
@@ -340,7 +364,7 @@ class Vec2FacePipeline(DiffusionPipeline):
 
         ``seed``: one int, or one per identity. The bar advances by identity as each batch finishes.
         """
-        config = AttrOPConfig(**{**config.__dict__, "target_yaw": None})
+        config = dataclasses.replace(config, target_yaw=None, target_pitch=None, target_roll=None)
         labels = torch.arange(len(identities)) + identity_offset
         seeds = torch.as_tensor(seed, dtype=torch.long).expand(len(identities))
         refined = identities.clone()
