@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bf16", action="store_true", help="also run hsface under bf16 autocast")
-    parser.add_argument("--skip", default="", help="comma-separated variant names to leave out")
+    parser.add_argument("--skip", default="", help="variant names to leave out, separated by semicolons")
     args = parser.parse_args()
 
     pipe = full_size_random_pipeline()
@@ -74,12 +74,12 @@ def main() -> None:
     variants = {
         "official": official,
         "hsface": hsface(),
-        "hsface, registered modules (no views)": registered_modules,
-        "hsface, glibc malloc defaults": hsface(reuse=False),
+        "hsface on registered modules (no views)": registered_modules,
+        "hsface with glibc malloc defaults": hsface(reuse=False),
     }
     if args.bf16:
         variants["hsface bf16"] = hsface(dtype=torch.bfloat16)
-    variants = {k: v for k, v in variants.items() if k not in args.skip.split(",")}
+    variants = {k: v for k, v in variants.items() if k not in args.skip.split(";")}
     times = {name: [] for name in variants}
     for repeat in range(args.repeats):
         for name, run in variants.items():

@@ -32,7 +32,7 @@ from .identity import IdentityPrior, perturb, sample_identities
 from .models.generator import Vec2Face
 from .models.iresnet import IResNet, magface_quality
 from .models.sixdrepnet import SixDRepNet
-from .performance import inference_view
+from .performance import inference_view, warn_if_slow_precision
 from .timing import StageTimer
 
 OFFICIAL_REPO_ID = "BooBooWu/Vec2Face"
@@ -157,6 +157,7 @@ class Vec2FacePipeline(DiffusionPipeline):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        warn_if_slow_precision(precision, self.device)  # bf16 without native kernels: many times slower
         autocast = torch.autocast(self.device.type, dtype=PRECISIONS[precision] or torch.bfloat16, enabled=precision != "fp32")
         clock = StageTimer(self.device)
         # 1. identities (section 3.2)
