@@ -10,41 +10,24 @@ equal iteration counts. Variants interleave, and each one's best of ``--repeats`
 
 * official: ``official_attrop.official_gen_image`` (weight gradients, ``retain_graph``, batch-mean
   losses, the extra final decode), with glibc's default malloc settings as the official code has;
-* hsface: ``Vec2FacePipeline.steer`` as ``hsface build`` runs it (``reuse_freed_memory`` on);
-* candidates: hsface with glibc's malloc defaults (what the malloc setting gives), and hsface on
-  "inference views" of the networks (IResNets with BatchNorm folded into their convolutions and
-  channels-last weights, channels-last SixDRepNet and conv decoder; :func:`inference_views`),
-  which measured no better than the registered networks and so is not part of the library.
+* hsface: ``Vec2FacePipeline.steer`` as ``hsface build`` runs it (inference views of the networks,
+  ``reuse_freed_memory`` on);
+* candidates: hsface on the registered networks (without ``performance.inference_view``), to show
+  what the views give; and hsface with glibc's malloc defaults, to show what that setting gives.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 
 import torch
 
 from common import describe_machine, full_size_random_pipeline
 from official_attrop import official_gen_image
-from vec2face_model import seeding
 from vec2face_model.attrop import AttrOPConfig, attrop
-from vec2face_model.models.iresnet import fold_batchnorm, magface_quality
+from vec2face_model.models.iresnet import magface_quality
 from vec2face_model.performance import reuse_freed_memory
-
-
-def inference_views(pipe):
-    """Frozen copies of (generator, recognizer, quality, pose) laid out for forward + input-backward
-    passes. The generator copy shares its transformer and converts only the conv decoder, which
-    receives channels-last latents (a permute of [B,7,7,C]) and then stops reordering its weights."""
-    def channels_last(module):
-        return copy.deepcopy(module).requires_grad_(False).to(memory_format=torch.channels_last)
-
-    generator = copy.copy(pipe.generator)
-    generator._modules = dict(pipe.generator._modules)
-    generator._modules["im_decoder"] = channels_last(pipe.generator.im_decoder)
-    recognizer, quality = (fold_batchnorm(m).to(memory_format=torch.channels_last) for m in (pipe.recognizer, pipe.quality))
-    return generator, recognizer, quality, channels_last(pipe.pose)
 
 
 def main() -> None:
@@ -79,24 +62,19 @@ def main() -> None:
             assert int(result.steps.max()) == args.steps
         return run
 
-    views = inference_views(pipe)
-
-    def with_views():
+    def registered_modules():
         reuse_freed_memory(True)
-        generator, recognizer, quality, pose = views
 
         def decode(v, rows, iteration):
-            keys = [(0, seeding.STREAM_ATTROP_MASK, int(i), int(j), iteration) for i, j in zip(labels[rows], index[rows])]
-            drop, masked = generator.draw_masks(len(keys), [seeding.keyed_generator(*k) for k in keys])
-            return generator(v, token_drop_mask=drop, token_all_mask=masked).images
+            return pipe.decode(v, labels[rows], index[rows], seed=0, iteration=iteration)
 
-        attrop(vectors, vectors, decode, recognizer, lambda x: magface_quality(quality, x),
-               lambda x: pose.predict_euler(x)[:, 1], config, models=networks)
+        attrop(vectors, vectors, decode, pipe.recognizer, lambda x: magface_quality(pipe.quality, x),
+               lambda x: pipe.pose.predict_euler(x)[:, 1], config, models=networks)
 
     variants = {
         "official": official,
         "hsface": hsface(),
-        "hsface on inference views": with_views,
+        "hsface on registered modules (no views)": registered_modules,
         "hsface with glibc malloc defaults": hsface(reuse=False),
     }
     if args.bf16:

@@ -152,7 +152,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="random-tiny models on CPU, tiny sizes (for tests)")
     parser.add_argument("--model", help="a saved Vec2FacePipeline folder (default: full-size random weights)")
     parser.add_argument("--build-identities", type=int, default=200)
-    parser.add_argument("--build-steps", type=int, default=3, help="AttrOP/refinement iteration cap in the build")
+    parser.add_argument("--build-steps", type=int, default=2, help="AttrOP/refinement iteration cap in the build")
     parser.add_argument("--attrop-batch", type=int, default=64)
     parser.add_argument("--mean-attrop-steps", type=float, default=PAPER_MAX_STEPS,
                         help="mean AttrOP iterations per image assumed by the extrapolation (default: the cap, an upper bound)")

@@ -10,12 +10,15 @@ dict ``hsface build`` can record). Measured effects: ``bench/`` and the README's
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import ctypes.util
 import functools
+import itertools
 import sys
 import time
 import warnings
+import weakref
 
 import torch
 
@@ -169,3 +172,58 @@ def measure_precision_speedup(pipe, precision: str, batch_size: int = 8, repeats
         "speedup": round(rate / fp32_rate, 3),
     }
 
+
+# -- inference views for AttrOP ---------------------------------------------------------------------
+
+# module -> (fingerprint of its weights, view); weak keys: a view dies with its module
+_VIEWS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, torch.nn.Module]]" = weakref.WeakKeyDictionary()
+
+
+def _weights_fingerprint(module: torch.nn.Module) -> tuple:
+    # storage and in-place version of every tensor: loading, moving or editing weights changes it
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in itertools.chain(module.parameters(), module.buffers()))
+
+
+def _channels_last_copy(module: torch.nn.Module) -> torch.nn.Module:
+    return copy.deepcopy(module).requires_grad_(False).to(memory_format=torch.channels_last)
+
+
+def _build_view(module: torch.nn.Module) -> torch.nn.Module:
+    from .models.generator import Vec2Face
+    from .models.iresnet import IResNet, fold_batchnorm
+    from .models.sixdrepnet import SixDRepNet
+
+    if isinstance(module, IResNet):
+        return fold_batchnorm(module).to(memory_format=torch.channels_last)
+    if isinstance(module, SixDRepNet):
+        return _channels_last_copy(module)
+    if isinstance(module, Vec2Face):
+        # The conv decoder receives channels-last latents (a permute of [B,7,7,C]); with weights in
+        # the same layout oneDNN stops reordering them on every call. The transformer is shared.
+        view = copy.copy(module)
+        view._modules = dict(module._modules)
+        view._modules["im_decoder"] = _channels_last_copy(module.im_decoder)
+        return view
+    return module
+
+
+def inference_view(module: torch.nn.Module) -> torch.nn.Module:
+    """A frozen copy of an eval-mode network, laid out for many forward + input-backward passes
+    (AttrOP): IResNet with BatchNorm folded into its convolutions and channels-last weights,
+    SixDRepNet with channels-last weights, the generator with a channels-last conv decoder (its
+    transformer shared, not copied). Other modules, and modules in training mode, come back as
+    they are.
+
+    Same function up to float rounding; the registered module is not touched (its
+    ``state_dict()``, and so the build provenance hash, stay the same). Cached per module and
+    rebuilt when its weights change. Costs one extra copy of the converted weights in memory.
+    """
+    if module.training:
+        return module
+    fingerprint = _weights_fingerprint(module)
+    cached = _VIEWS.get(module)
+    if cached is not None and cached[0] == fingerprint:
+        return cached[1]
+    view = _build_view(module)
+    _VIEWS[module] = (fingerprint, view)
+    return view

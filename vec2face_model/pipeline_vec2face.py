@@ -32,7 +32,7 @@ from .identity import IdentityPrior, perturb, sample_identities
 from .models.generator import Vec2Face
 from .models.iresnet import IResNet, magface_quality
 from .models.sixdrepnet import SixDRepNet
-from .performance import warn_if_slow_precision
+from .performance import inference_view, warn_if_slow_precision
 from .timing import StageTimer
 
 OFFICIAL_REPO_ID = "BooBooWu/Vec2Face"
@@ -240,12 +240,13 @@ class Vec2FacePipeline(DiffusionPipeline):
             )
         return sample_identities(self.prior, num_identities, tau=tau, seed=seed, exclude=exclude, exclude_tau=exclude_tau, progress=progress)
 
-    def decode(self, vectors: torch.Tensor, labels: torch.Tensor, image_index: torch.Tensor, *, seed: int, stream: int = seeding.STREAM_MASK, iteration: int | None = None) -> torch.Tensor:
-        """Vectors -> images [B,3,112,112] (unclipped), each with its own keyed mask generator."""
+    def decode(self, vectors: torch.Tensor, labels: torch.Tensor, image_index: torch.Tensor, *, seed: int, stream: int = seeding.STREAM_MASK, iteration: int | None = None, network: Vec2Face | None = None) -> torch.Tensor:
+        """Vectors -> images [B,3,112,112] (unclipped), each with its own keyed mask generator.
+        ``network`` replaces the generator on the gradient path (AttrOP passes its inference view)."""
         keys = [(seed, stream, int(i), int(j)) + (() if iteration is None else (iteration,)) for i, j in zip(labels, image_index)]
         drop, masked = self.generator.draw_masks(len(keys), [seeding.keyed_generator(*k) for k in keys])
         if torch.is_grad_enabled() and vectors.requires_grad:
-            return self.generator(vectors, token_drop_mask=drop, token_all_mask=masked).images
+            return (network or self.generator)(vectors, token_drop_mask=drop, token_all_mask=masked).images
         generator = getattr(self, "_compiled_generator", None)
         generator = self.generator if generator is None else generator
         with torch.inference_mode():
@@ -268,14 +269,18 @@ class Vec2FacePipeline(DiffusionPipeline):
         if missing:
             raise ValueError(f"AttrOP needs the {', '.join(missing)} component(s); load a pipeline that has them")
 
-        def decode(v, rows, iteration):
-            return self.decode(v, labels[rows.cpu()], image_index[rows.cpu()], seed=seed, stream=stream, iteration=iteration)
+        # frozen copies laid out for many forward + input-backward passes (BatchNorm folded, channels-last)
+        generator, recognizer, quality = (inference_view(m) for m in (self.generator, self.recognizer, self.quality))
+        pose = inference_view(self.pose) if self.pose is not None else None
 
-        yaw_fn = (lambda images: self.pose.predict_euler(images)[:, 1]) if self.pose is not None else None
+        def decode(v, rows, iteration):
+            return self.decode(v, labels[rows.cpu()], image_index[rows.cpu()], seed=seed, stream=stream, iteration=iteration, network=generator)
+
+        yaw_fn = (lambda images: pose.predict_euler(images)[:, 1]) if pose is not None else None
         return attrop(
             vectors, identity_vectors, decode,
-            identity_fn=self.recognizer,
-            quality_fn=lambda images: magface_quality(self.quality, images),
+            identity_fn=recognizer,
+            quality_fn=lambda images: magface_quality(quality, images),
             yaw_fn=yaw_fn,
             config=config,
             models=[m for m in (self.generator, self.recognizer, self.quality, self.pose) if m is not None],
