@@ -246,7 +246,7 @@ class Vec2FacePipeline(DiffusionPipeline):
         keys = [(seed, stream, int(i), int(j)) + (() if iteration is None else (iteration,)) for i, j in zip(labels, image_index)]
         drop, masked = self.generator.draw_masks(len(keys), [seeding.keyed_generator(*k) for k in keys])
         if torch.is_grad_enabled() and vectors.requires_grad:
-            return (network or self.generator)(vectors, token_drop_mask=drop, token_all_mask=masked).images
+            return (self.generator if network is None else network)(vectors, token_drop_mask=drop, token_all_mask=masked).images
         generator = getattr(self, "_compiled_generator", None)
         generator = self.generator if generator is None else generator
         with torch.inference_mode():
