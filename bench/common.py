@@ -57,3 +57,19 @@ def calibrate_batchnorm(model: torch.nn.Module, batch: int = 16, seed: int = 0) 
     with torch.no_grad():
         model(images)
     return model.eval()
+
+
+def full_size_random_pipeline(seed: int = 0):
+    """A Vec2FacePipeline with the released architectures and random weights (generator, ArcFace-
+    and MagFace-R100, SixDRepNet B1g2), BatchNorm statistics calibrated; about 1.3 GB of weights."""
+    from vec2face_model import IdentityPrior, Vec2FacePipeline
+    from vec2face_model.models.generator import Vec2Face
+    from vec2face_model.models.iresnet import iresnet100
+    from vec2face_model.models.sixdrepnet import sixdrepnet_repvgg_b1g2
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        generator = Vec2Face().eval()
+        recognizer, quality, pose = (calibrate_batchnorm(m, seed=seed + i) for i, m in enumerate((iresnet100(), iresnet100(), sixdrepnet_repvgg_b1g2())))
+        prior = IdentityPrior.from_features(torch.randn(2048, 512) * 1.1)  # ArcFace-like norms, as the tiny preset
+    return Vec2FacePipeline(generator=generator, recognizer=recognizer, quality=quality, pose=pose, prior=prior)

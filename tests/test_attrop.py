@@ -133,3 +133,104 @@ def test_quality_model_gets_no_backward_pass_while_every_sample_meets_the_qualit
     assert torch.equal(met.vectors, detached.vectors)
     steer(watched_quality, target_quality=1e6)  # a shortfall everywhere: the quality gradient is used
     assert backward_calls and any(g.abs().sum() > 0 for g in backward_calls)
+
+
+# -- the speed path: inference views of the real networks, precision checks --------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    from vec2face_model import Vec2FacePipeline
+
+    return Vec2FacePipeline.from_preset("random-tiny", seed=0)
+
+
+def test_inference_views_compute_the_same_function_and_leave_the_registered_weights_alone(tiny_pipe):
+    from vec2face_model.convert import weights_sha256
+    from vec2face_model.performance import inference_view
+
+    networks = {name: getattr(tiny_pipe, name) for name in ("generator", "recognizer", "quality", "pose")}
+    digests = {name: weights_sha256(m) for name, m in networks.items()}
+    keys = {name: list(m.state_dict()) for name, m in networks.items()}
+    views = {name: inference_view(m) for name, m in networks.items()}
+    assert all(inference_view(m) is views[name] for name, m in networks.items())  # cached
+
+    vectors = torch.randn(3, 512, generator=torch.Generator().manual_seed(0))
+    drop, masked = networks["generator"].draw_masks(3, torch.Generator().manual_seed(1))
+    images = networks["generator"](vectors, token_drop_mask=drop, token_all_mask=masked).images
+    torch.testing.assert_close(views["generator"](vectors, token_drop_mask=drop, token_all_mask=masked).images, images, rtol=1e-5, atol=1e-5)
+    images = images.clamp(-1, 1).detach().requires_grad_(True)
+    for name in ("recognizer", "quality"):
+        expected, got = networks[name](images), views[name](images)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.detach().abs().max()))
+        # The gradient AttrOP takes reaches the images alike. Compared as a whole: a PReLU input that
+        # rounding moves across zero changes its slope, so single pixels may differ by a few percent.
+        (expected_grad,), (got_grad,) = (torch.autograd.grad(out.norm(dim=1).sum(), images) for out in (expected, got))
+        assert (got_grad - expected_grad).norm() <= 1e-2 * expected_grad.norm()
+    torch.testing.assert_close(views["pose"].predict_euler(images), networks["pose"].predict_euler(images), rtol=1e-4, atol=1e-3)
+
+    assert {name: weights_sha256(m) for name, m in networks.items()} == digests
+    assert {name: list(m.state_dict()) for name, m in networks.items()} == keys
+    copies = [views["recognizer"], views["quality"], views["pose"], views["generator"].im_decoder]  # the transformer is shared
+    assert not any(p.requires_grad for copy in copies for p in copy.parameters())
+
+
+def test_inference_view_follows_weight_changes_and_ignores_training_mode(tiny_pipe):
+    import copy
+
+    from vec2face_model.performance import inference_view
+
+    recognizer = copy.deepcopy(tiny_pipe.recognizer)
+    before = inference_view(recognizer)
+    images = torch.rand(2, 3, 112, 112) * 2 - 1
+    with torch.no_grad():
+        recognizer.fc.bias.add_(1.0)
+        after = inference_view(recognizer)
+        assert after is not before
+        expected = recognizer(images)
+        torch.testing.assert_close(after(images), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    assert inference_view(recognizer.train()) is recognizer
+
+
+def test_steering_is_a_deterministic_function_of_its_inputs(tiny_pipe):
+    identities = tiny_pipe.sample_identities(3, seed=4).vectors
+    labels, index = torch.arange(3), torch.zeros(3, dtype=torch.long)
+    config = AttrOPConfig(max_steps=2)
+    first, second = (tiny_pipe.steer(identities, identities, labels, index, config, seed=7) for _ in range(2))
+    assert torch.equal(first.vectors, second.vectors) and torch.equal(first.images, second.images)
+    assert torch.equal(first.steps, second.steps)
+
+
+def test_slow_precision_warns_and_the_speedup_is_measured(tiny_pipe, monkeypatch):
+    from vec2face_model import performance
+
+    assert performance.has_fast_kernels("fp32") and performance.warn_if_slow_precision("fp32")
+    monkeypatch.setattr(performance, "cpu_flags", lambda: frozenset({"avx2", "fma"}))  # an AVX2-only CPU
+    assert not performance.has_fast_kernels("bf16", "cpu")
+    with pytest.warns(performance.SlowPrecisionWarning, match="bf16"):
+        assert not performance.warn_if_slow_precision("bf16", "cpu")
+    monkeypatch.setattr(performance, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert performance.has_fast_kernels("bf16", "cpu")
+    with pytest.raises(ValueError, match="precision"):
+        performance.has_fast_kernels("int8")
+
+    measured = performance.measure_precision_speedup(tiny_pipe, "bf16", batch_size=2, repeats=1)
+    assert measured.keys() == {"precision", "device", "batch_size", "native_kernels", "fp32_images_per_s", "images_per_s", "speedup"}
+    assert measured["precision"] == "bf16" and measured["fp32_images_per_s"] > 0 and measured["images_per_s"] > 0
+    assert measured["speedup"] == pytest.approx(measured["images_per_s"] / measured["fp32_images_per_s"], rel=1e-2)
+
+
+def test_folded_batchnorm_copy_computes_the_same_features_and_leaves_the_model_alone(tiny_pipe):
+    from vec2face_model.convert import weights_sha256
+    from vec2face_model.models.iresnet import fold_batchnorm
+
+    model = tiny_pipe.recognizer
+    digest = weights_sha256(model)
+    folded = fold_batchnorm(model)
+    remaining = [name for name, m in folded.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert remaining and all(name.endswith(".bn1") for name in remaining)  # only each block's leading BatchNorm stays
+    images = torch.rand(2, 3, 112, 112, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        expected = model(images)
+        torch.testing.assert_close(folded(images), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    assert weights_sha256(model) == digest and not any(p.requires_grad for p in folded.parameters())

@@ -51,6 +51,7 @@ from .pipeline_hub import (  # noqa: F401 - OFFICIAL_* are part of this module's
     remote_code,
 )
 from .pipeline_hub import model_card as build_model_card
+from .performance import inference_view, warn_if_slow_precision
 from .timing import StageTimer
 
 
@@ -197,6 +198,7 @@ class Vec2FacePipeline(DiffusionPipeline):
             raise InvalidInputError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
         if precision not in PRECISIONS:
             raise InvalidInputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        warn_if_slow_precision(precision, self.device)  # bf16 without native kernels: many times slower
         _check_count("images_per_identity", images_per_identity)
         _check_count("batch_size", batch_size)
         if isinstance(identity_offset, bool) or not isinstance(identity_offset, (int, np.integer)) or identity_offset < 0:
@@ -311,16 +313,17 @@ class Vec2FacePipeline(DiffusionPipeline):
         bar = {"desc": "sampling identities", "unit": "id", **getattr(self, "_progress_bar_config", {})} if progress else False
         return sample_identities(self.prior, num_identities, tau=tau, seed=seed, exclude=exclude, exclude_tau=exclude_tau, progress=bar)
 
-    def decode(self, vectors: torch.Tensor, labels: torch.Tensor, image_index: torch.Tensor, *, seed: int | torch.Tensor, stream: int = seeding.STREAM_MASK, iteration: int | None = None) -> torch.Tensor:
+    def decode(self, vectors: torch.Tensor, labels: torch.Tensor, image_index: torch.Tensor, *, seed: int | torch.Tensor, stream: int = seeding.STREAM_MASK, iteration: int | None = None, network: Vec2Face | None = None) -> torch.Tensor:
         """Vectors -> images [B,3,112,112] (unclipped), each with its own keyed mask generator.
 
-        ``seed`` is one int for the batch or one per row.
+        ``seed`` is one int for the batch or one per row. ``network`` replaces the generator on the
+        gradient path (AttrOP passes its inference view).
         """
         seeds = torch.as_tensor(seed, dtype=torch.long).expand(len(labels)).tolist()
         keys = [(s, stream, int(i), int(j)) + (() if iteration is None else (iteration,)) for s, i, j in zip(seeds, labels, image_index)]
         drop, masked = self.generator.draw_masks(len(keys), [seeding.keyed_generator(*k) for k in keys])
         if torch.is_grad_enabled() and vectors.requires_grad:
-            return self.generator(vectors, token_drop_mask=drop, token_all_mask=masked).images
+            return (self.generator if network is None else network)(vectors, token_drop_mask=drop, token_all_mask=masked).images
         generator = getattr(self, "_compiled_generator", None)
         generator = self.generator if generator is None else generator
         with torch.inference_mode():
@@ -344,15 +347,19 @@ class Vec2FacePipeline(DiffusionPipeline):
         if missing:
             raise ValueError(f"AttrOP needs the {', '.join(missing)} component(s); load a pipeline that has them")
 
+        # frozen copies laid out for many forward + input-backward passes (BatchNorm folded, channels-last)
+        generator, recognizer, quality = (inference_view(m) for m in (self.generator, self.recognizer, self.quality))
+        pose = inference_view(self.pose) if self.pose is not None else None
+
         def decode(v, rows, iteration):
             rows = rows.cpu()
-            return self.decode(v, labels[rows], image_index[rows], seed=seed[rows], stream=stream, iteration=iteration)
+            return self.decode(v, labels[rows], image_index[rows], seed=seed[rows], stream=stream, iteration=iteration, network=generator)
 
-        pose_fn = self.pose.predict_euler if self.pose is not None else None  # [B, 3] (pitch, yaw, roll)
+        pose_fn = pose.predict_euler if pose is not None else None  # [B, 3] (pitch, yaw, roll)
         return attrop(
             vectors, identity_vectors, decode,
-            identity_fn=self.recognizer,
-            quality_fn=lambda images: magface_quality(self.quality, images),
+            identity_fn=recognizer,
+            quality_fn=lambda images: magface_quality(quality, images),
             yaw_fn=pose_fn,
             config=config,
             models=[m for m in (self.generator, self.recognizer, self.quality, self.pose) if m is not None],

@@ -25,6 +25,7 @@ normalisation. Reference: ``shared/reference/ARCHITECTURE.md`` section 3.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,7 @@ __all__ = [
     "iresnet50",
     "iresnet100",
     "iresnet200",
+    "fold_batchnorm",
     "magface_quality",
     "se_iresnet50",
 ]
@@ -325,3 +327,53 @@ def se_iresnet50(**overrides) -> IResNet:
     textbook placement.
     """
     return IResNet(**{"layers": [3, 4, 14, 3], "use_se": True, "se_mode": "shortcut_first", **overrides})
+
+
+# -- inference copy with BatchNorm folded into the layers it follows ---------------------------------
+
+
+def _fold_into_conv(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> None:
+    """``norm(conv(x))`` -> ``conv'(x)`` in place on ``conv`` (eval-mode statistics)."""
+    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+    bias = norm.bias - norm.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    conv.weight = nn.Parameter(conv.weight * scale.reshape(-1, 1, 1, 1), requires_grad=False)
+    conv.bias = nn.Parameter(bias, requires_grad=False)
+
+
+@torch.no_grad()
+def fold_batchnorm(model: IResNet) -> IResNet:
+    """A frozen eval-mode copy of ``model`` with every BatchNorm that follows a linear layer folded
+    into it: ``conv1 -> bn2`` and ``conv2 -> bn3`` of each block, the stem, the projection shortcuts,
+    and the head (``bn2 -> flatten -> fc -> features`` becomes one ``fc``). Each block's leading
+    ``bn1`` stays: it precedes a zero-padded convolution, so it cannot be folded exactly.
+
+    Same function as ``model`` in eval mode up to float rounding (a few 1e-7 relative). The copy's
+    keys differ from the official ones; ``model`` itself is not touched, so its ``state_dict()``
+    (and the provenance hash of it) stays as it was. Meant for AttrOP, which calls the recognizers
+    hundreds of times per batch and needs gradients only with respect to the images.
+    """
+    folded = copy.deepcopy(model).eval().requires_grad_(False)
+    _fold_into_conv(folded.conv1, folded.bn1)
+    folded.bn1 = nn.Identity()
+    for stage in folded.stages:
+        for block in stage:
+            _fold_into_conv(block.conv1, block.bn2)
+            _fold_into_conv(block.conv2, block.bn3)
+            block.bn2, block.bn3 = nn.Identity(), nn.Identity()
+            if block.downsample is not None:
+                _fold_into_conv(block.downsample[0], block.downsample[1])
+                block.downsample[1] = nn.Identity()
+    # head: bn2 acts per channel on the [512,7,7] map, which flattens channel-major into fc
+    bn2, fc, features = folded.bn2, folded.fc, folded.features
+    scale2 = bn2.weight / torch.sqrt(bn2.running_var + bn2.eps)
+    shift2 = bn2.bias - bn2.running_mean * scale2
+    cells = FINAL_GRID * FINAL_GRID
+    weight = fc.weight * scale2.repeat_interleave(cells)[None, :]
+    bias = fc.bias + fc.weight @ shift2.repeat_interleave(cells)
+    scale_f = features.weight / torch.sqrt(features.running_var + features.eps)
+    fc.weight = nn.Parameter(weight * scale_f[:, None], requires_grad=False)
+    fc.bias = nn.Parameter((bias - features.running_mean) * scale_f + features.bias, requires_grad=False)
+    folded.bn2, folded.features = nn.Identity(), nn.Identity()
+    return folded
