@@ -40,6 +40,7 @@ from safetensors.torch import save as save_safetensors
 
 from vec2face_model.convert import weights_sha256
 from vec2face_model.errors import HSFaceError
+from vec2face_model.performance import measure_precision_speedup
 from vec2face_model.pipeline_vec2face import Vec2FacePipeline, Vec2FacePipelineOutput
 from vec2face_model.timing import StageTimer
 
@@ -128,6 +129,10 @@ def _sample_and_record(pipe, config: HSFaceConfig, config_dir: Path, record: dic
     """Sample the identities once, then record the parameters. ``generation.json`` is written last,
     so a build that fails before it (sampling budget exhausted, say) leaves nothing that blocks the
     corrected retry."""
+    if config.precision != "fp32":
+        # what the reduced precision buys on this machine, measured once (bf16 without native
+        # kernels runs many times slower than fp32: the pipeline warns, and the card shows this)
+        record = {**record, "execution": measure_precision_speedup(pipe, config.precision, batch_size=min(8, config.batch_size))}
     with timer.stage("sample"):
         vectors = sample_config_identities(pipe, config, progress=progress)
     # A single metadata entry: safetensors keeps metadata in a hash map, whose order varies between runs.

@@ -3,6 +3,7 @@ promises at the level users meet them (the CLI entry point and `build()`)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -91,6 +92,7 @@ def test_outputs_have_ordinary_modes_and_the_same_bytes_every_time(built, tmp_pa
         os.umask(old)
     files = snapshot(again)
     assert MARKER in files and "README.md" in files and "tiny/identities.safetensors" in files
+    assert "execution" not in json.loads(files["tiny/generation.json"])  # fp32: nothing measured, nothing varies
     modes = {name: stat.S_IMODE((again / name).stat().st_mode) for name in files}
     assert set(modes.values()) == {0o644}, modes
     reference = snapshot(built)
@@ -110,3 +112,10 @@ def test_the_default_build_in_a_fresh_clone_leaves_git_status_clean(tmp_path, mo
     from datasets import load_dataset
 
     assert load_dataset("hsface", "tiny", split="train").num_rows == 20  # from the project root, as the README says
+
+
+def test_a_reduced_precision_build_records_its_measured_speed_up(tmp_path):
+    build(TINY.replace(precision="bf16"), tmp_path / "bf16", progress=False)
+    execution = json.loads((tmp_path / "bf16" / "tiny" / "generation.json").read_text())["execution"]
+    assert execution["precision"] == "bf16" and execution["speedup"] > 0 and isinstance(execution["native_kernels"], bool)
+    assert "| execution | value |" in (tmp_path / "bf16" / "README.md").read_text()
