@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import io
 import json
 import os
 import re
@@ -147,19 +146,6 @@ def _describe_recognizer(name_or_path, model: IResNet) -> dict:
 # --- features ---------------------------------------------------------------------------------
 
 
-def _to_pil(image):
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        return image
-    if isinstance(image, dict):  # an undecoded datasets.Image value
-        if image.get("bytes") is not None:
-            return Image.open(io.BytesIO(image["bytes"]))
-        if image.get("path"):
-            return Image.open(image["path"])
-    raise TypeError(f"the image column must hold PIL images or {{'bytes', 'path'}} dicts, got {type(image).__name__}")
-
-
 def _cache_path(dataset, recognizer: torch.nn.Module, cache_dir) -> Path:
     fingerprint = getattr(dataset, "_fingerprint", None)
     if not fingerprint:
@@ -186,7 +172,8 @@ def extract_features(dataset, recognizer: IResNet, batch_size: int = 64, cache_d
     import torch
     from tqdm.auto import tqdm
 
-    from vec2face_model.conventions import from_pil
+    from vec2face_model.files import atomic_write
+    from vec2face_model.image_io import decode_to_tensor
 
     _check_columns(dataset)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -212,7 +199,7 @@ def extract_features(dataset, recognizer: IResNet, batch_size: int = 64, cache_d
         start = 0
         with torch.inference_mode():
             for batch in dataset.select_columns(["image", "label"]).with_format(None).iter(batch_size=batch_size):
-                images = from_pil([_to_pil(image) for image in batch["image"]])
+                images = decode_to_tensor(batch["image"], what="a dataset image")
                 end = start + len(images)
                 features[start:end] = recognizer(images.to(parameter.device, parameter.dtype)).float().cpu().numpy()
                 labels[start:end] = batch["label"]
@@ -222,10 +209,8 @@ def extract_features(dataset, recognizer: IResNet, batch_size: int = 64, cache_d
         bar.close()
         recognizer.train(was_training)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, features=features, labels=labels)
-    os.replace(tmp, path)  # readers never see a half-written cache file
+    with atomic_write(path) as f:  # readers never see a half-written cache file
+        np.savez(f, features=features, labels=labels)
     return features, labels
 
 
@@ -357,6 +342,7 @@ def _load_train_split(path_or_repo, config: str | None):
 
 def _first_identities_grid(dataset, labels: np.ndarray, path: Path, num_identities: int, num_images: int) -> Path:
     from vec2face_model.analysis import save_sample_grid
+    from vec2face_model.image_io import decode_image
 
     chosen: dict[int, list[int]] = {}
     for index, label in enumerate(labels.tolist()):
@@ -369,7 +355,7 @@ def _first_identities_grid(dataset, labels: np.ndarray, path: Path, num_identiti
             break
     indices = [i for rows in chosen.values() for i in rows]
     images = dataset.select_columns(["image"]).select(indices)["image"]
-    pixels = np.stack([np.asarray(_to_pil(image).convert("RGB")) for image in images])
+    pixels = np.stack([decode_image(image, size=None) for image in images])
     return save_sample_grid(pixels, labels[indices], path, ncols=max(len(rows) for rows in chosen.values()))
 
 
@@ -400,6 +386,7 @@ def analyze_dataset(
     import torch
 
     from vec2face_model.analysis import analyze_features, write_report
+    from vec2face_model.files import write_text_atomic
 
     local = Path(path_or_repo).expanduser()
     built = _built_config(local, config) if local.is_dir() else None
@@ -433,9 +420,7 @@ def analyze_dataset(
         card_path = local / "README.md"
         section = _card_section(report, built, (out_dir / "summary.md").read_text(), [f.name for f in files])
         card = replace_card_section(card_path.read_text(), built, section)
-        tmp = card_path.with_name(f".README.md.{os.getpid()}.tmp")
-        tmp.write_text(card)
-        os.replace(tmp, card_path)
+        write_text_atomic(card_path, card)
     return report
 
 

@@ -22,11 +22,10 @@ from torch import nn
 
 from vec2face_model.convert import weights_sha256
 from vec2face_model.errors import InvalidInputError
-from vec2face_model.seeding import derive_seed
+from vec2face_model.seeding import STREAM_VEC2FACE_DATA_ORDER, derive_seed
 
 __all__ = ["FaceTrainingData", "add_identity_features", "epoch_batches", "load_recognizer", "load_training_dataset"]
 
-STREAM_DATA_ORDER = 402  # the recipe's other seed streams are in train_vec2face.py (401, 403, 404)
 FEATURE_CACHE_VERSION = 1  # bump when the feature computation changes, to invalidate caches
 
 
@@ -34,7 +33,7 @@ def epoch_batches(num_samples: int, batch_size: int, num_processes: int, rank: i
     """This rank's batches of one epoch: a permutation keyed by (seed, epoch), cut into global batches
     of ``batch_size·num_processes`` (last partial one dropped), each split across ranks."""
     global_batch = batch_size * num_processes
-    generator = torch.Generator().manual_seed(derive_seed(seed, STREAM_DATA_ORDER, epoch))
+    generator = torch.Generator().manual_seed(derive_seed(seed, STREAM_VEC2FACE_DATA_ORDER, epoch))
     order = torch.randperm(num_samples, generator=generator)
     start = rank * batch_size
     return [order[s * global_batch + start : s * global_batch + start + batch_size].tolist() for s in range(num_samples // global_batch)]
