@@ -220,7 +220,7 @@ def write_card(out_dir: str | Path) -> Path:
     path = out_dir / "README.md"
     card = render_card(out_dir, configs)
     if path.exists():  # keep the sections `hsface analyze` wrote
-        from .analyze import analysis_sections, replace_card_section
+        from .analysis_card import analysis_sections, replace_card_section
 
         for config, body in analysis_sections(path.read_text()).items():
             card = replace_card_section(card, config, body)

@@ -41,21 +41,12 @@ def epoch_batches(num_samples: int, batch_size: int, num_processes: int, rank: i
 
 
 def load_recognizer(path: str | os.PathLike):
-    """Frozen eval-mode IResNet from an official weight file or a ``save_pretrained`` folder
-    (a pipeline folder works too: its ``recognizer`` component is used)."""
-    from vec2face_model.models.iresnet import IResNet
+    """The frozen (eval mode, no gradients) recognizer: any source :func:`vec2face_model.recognizers.load_recognizer`
+    takes (official weight file, ``save_pretrained`` folder, pipeline folder, Hub repo, preset)."""
+    from vec2face_model.recognizers import load_recognizer as load
 
-    path = Path(path).expanduser()
-    if path.is_dir():
-        if (path / "model_index.json").exists():
-            model = IResNet.from_pretrained(path, subfolder="recognizer")
-        else:
-            model = IResNet.from_pretrained(path)
-    elif path.is_file():
-        model = IResNet.from_official(path)
-    else:
-        raise FileNotFoundError(f"recognizer={str(path)!r}: no such file or folder (official .pth/.safetensors or IResNet folder)")
-    return model.eval().requires_grad_(False)
+    return load(path).requires_grad_(False)
+
 
 def load_training_dataset(config):
     """The image dataset (a ``datasets.Dataset``) with the image column checked."""
@@ -95,14 +86,12 @@ def add_identity_features(ds, recognizer: nn.Module, image_column: str, feature_
     from datasets.fingerprint import Hasher
 
     from vec2face_model.conventions import from_pil
+    from vec2face_model.recognizers import embed_images
 
     fingerprint = Hasher.hash([ds._fingerprint, _module_digest(recognizer), image_column, feature_column, FEATURE_CACHE_VERSION])
 
     def embed(batch):
-        images = from_pil(batch[image_column]).to(device)
-        with torch.inference_mode():
-            features = recognizer(images).float().cpu().numpy()
-        return {feature_column: features}
+        return {feature_column: embed_images(recognizer, from_pil(batch[image_column]), device)}
 
     return ds.map(embed, batched=True, batch_size=batch_size, new_fingerprint=fingerprint, desc="identity features")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 DEFAULT_BLOCK_SIZE = 4096  # one float32 tile is 64 MiB
@@ -42,6 +44,11 @@ def _check_threshold(name: str, value: float) -> None:
 
 def _blocks(n: int, block_size: int) -> list[tuple[int, int]]:
     return [(start, min(start + block_size, n)) for start in range(0, n, block_size)]
+
+
+def _running_maxima(n: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Start values for :func:`_update_max`: maxima ``-inf`` and indices ``-1`` (no candidate yet)."""
+    return torch.full((n,), -math.inf, dtype=dtype, device=device), torch.full((n,), -1, dtype=torch.long, device=device)
 
 
 def _update_max(best: torch.Tensor, best_index: torch.Tensor, value: torch.Tensor, index: torch.Tensor) -> None:

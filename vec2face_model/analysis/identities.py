@@ -22,6 +22,7 @@ from .common import (
     _check_block_size,
     _check_threshold,
     _compute_dtype,
+    _running_maxima,
     _update_max,
 )
 
@@ -142,8 +143,7 @@ def max_neighbour_cosines(
     _check_threshold("threshold", threshold)
     _check_block_size(block_size)
     dtype = _compute_dtype(centers)
-    best = torch.full((len(centers),), -math.inf, dtype=dtype, device=centers.device)
-    best_index = torch.full((len(centers),), -1, dtype=torch.long, device=centers.device)
+    best, best_index = _running_maxima(len(centers), dtype, centers.device)
     blocks = _blocks(len(centers), block_size)
     for block, (r0, r1) in enumerate(blocks):
         rows = centers[r0:r1].to(dtype)
@@ -249,8 +249,7 @@ def leakage(
     _check_threshold("threshold", threshold)
     _check_block_size(block_size)
     dtype = _compute_dtype(centers)
-    best = torch.full((len(centers),), -math.inf, dtype=dtype, device=centers.device)
-    best_index = torch.full((len(centers),), -1, dtype=torch.long, device=centers.device)
+    best, best_index = _running_maxima(len(centers), dtype, centers.device)
     reference_blocks = _blocks(len(reference), block_size)
     for r0, r1 in _blocks(len(centers), block_size):
         rows = centers[r0:r1].to(dtype)

@@ -215,19 +215,15 @@ def _write_plots(report: dict, out_dir: Path) -> list[str]:
             figure.savefig(file, format="png")  # Agg renders PNGs
         return name
 
-    def intra(axes):
-        section = report["intra_class"]
-        _bar_histogram(axes, section["histogram"])
-        axes.axvline(section["threshold"], color="red", linestyle="--", label=f"noise threshold {section['threshold']}")
-        axes.set(xlabel="cosine to identity centre", ylabel="images", title="Intra-class cosine")
-        axes.legend()
+    def thresholded(key: str, threshold_name: str, xlabel: str, ylabel: str, title: str):
+        def draw(axes):  # a cosine histogram with the section's threshold marked
+            section = report[key]
+            _bar_histogram(axes, section["histogram"])
+            axes.axvline(section["threshold"], color="red", linestyle="--", label=f"{threshold_name} {section['threshold']}")
+            axes.set(xlabel=xlabel, ylabel=ylabel, title=title)
+            axes.legend()
 
-    def inter(axes):
-        section = report["inter_class"]
-        _bar_histogram(axes, section["histogram"])
-        axes.axvline(section["threshold"], color="red", linestyle="--", label=f"noise threshold {section['threshold']}")
-        axes.set(xlabel="max cosine to another identity centre", ylabel="identities", title="Max-neighbour cosine")
-        axes.legend()
+        return draw
 
     def separability(axes):
         section = report["separability"]
@@ -246,21 +242,13 @@ def _write_plots(report: dict, out_dir: Path) -> list[str]:
         axes.legend()
 
     plots = [
-        save("intra_class_cosine.png", intra),
-        save("max_neighbour_cosine.png", inter),
+        save("intra_class_cosine.png", thresholded("intra_class", "noise threshold", "cosine to identity centre", "images", "Intra-class cosine")),
+        save("max_neighbour_cosine.png", thresholded("inter_class", "noise threshold", "max cosine to another identity centre", "identities", "Max-neighbour cosine")),
         save("separability_curve.png", separability),
         save("genuine_impostor.png", verification),
     ]
     if report["leakage"] is not None:
-
-        def leak(axes):
-            section = report["leakage"]
-            _bar_histogram(axes, section["histogram"])
-            axes.axvline(section["threshold"], color="red", linestyle="--", label=f"leakage threshold {section['threshold']}")
-            axes.set(xlabel="max cosine to a reference feature", ylabel="identities", title="Leakage")
-            axes.legend()
-
-        plots.append(save("leakage.png", leak))
+        plots.append(save("leakage.png", thresholded("leakage", "leakage threshold", "max cosine to a reference feature", "identities", "Leakage")))
     return plots
 
 
