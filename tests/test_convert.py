@@ -110,3 +110,15 @@ def test_arbitrary_pickled_objects_are_refused_and_not_executed(tmp_path):
 def test_missing_file_names_the_path(tmp_path):
     with pytest.raises(WeightsLoadError, match="no such file"):
         read_weights(tmp_path / "nope.pth")
+
+
+def test_a_generator_of_another_size_asks_for_its_head_counts(tmp_path, tiny_model):
+    from vec2face_model.errors import InvalidInputError
+
+    path = tmp_path / "vec2face_generator.pth"
+    save_like_official_training(path, tiny_model)
+    with pytest.raises(InvalidInputError, match=r"pass num_heads and decoder_num_heads as trained.*--num-heads N --decoder-num-heads M"):
+        Vec2Face.from_official(path)
+    with pytest.raises(InvalidInputError, match=r"pass decoder_num_heads as trained"):
+        Vec2Face.from_official(path, num_heads=4)
+    assert Vec2Face.from_official(path, num_heads=4, decoder_num_heads=4).config.num_heads == 4

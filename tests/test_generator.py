@@ -176,3 +176,41 @@ def test_bad_inputs_are_rejected_with_explanations():
         model(torch.randn(2, 512), token_drop_mask=torch.zeros(2, 50))
     with pytest.raises(ValueError, match="one per sample"):
         model(torch.randn(2, 512), generator=[torch.Generator()])
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    # Training mode with dropout: checkpointing must replay the dropout masks in the recomputation.
+    torch.manual_seed(0)
+    model = Vec2Face(embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
+                     image_decoder_channels=32, z_channels=32, dropout=0.1).train()
+    vectors = torch.randn(3, 512) * 20
+    drop, masked = draw_token_masks(3, TRAINING_MASK_RATIO, torch.Generator().manual_seed(1))
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(7)  # the dropout stream
+        out = model(vectors, token_drop_mask=drop, token_all_mask=masked)
+        loss = out.images.square().mean() + (out.logits - out.gt_tokens).square().mean()
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    plain_loss, plain_grads = loss_and_grads()
+    assert not model.is_gradient_checkpointing
+    model.enable_gradient_checkpointing()
+    assert model.is_gradient_checkpointing and model.im_decoder.gradient_checkpointing
+    calls = []
+    checkpoint_func = model._gradient_checkpointing_func
+    model._set_gradient_checkpointing(True, lambda block, *args: calls.append(block) or checkpoint_func(block, *args))
+    checkpointed_loss, checkpointed_grads = loss_and_grads()
+    # 2 encoder + 2 decoder blocks; 2 mid blocks, 5 levels x 2 ResnetBlocks, 4 upsamplings, the output head
+    assert len(calls) == 2 + 2 + 2 + 10 + 4 + 1
+    assert torch.equal(checkpointed_loss, plain_loss)
+    assert checkpointed_grads.keys() == plain_grads.keys() and len(plain_grads) > 50
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(checkpointed_grads[name], grad, rtol=0, atol=0, msg=name)
+    with torch.no_grad():  # inference never checkpoints
+        calls.clear()
+        model.eval()(vectors, token_drop_mask=drop, token_all_mask=masked)
+        assert not calls
+    model.disable_gradient_checkpointing()
+    assert not model.is_gradient_checkpointing

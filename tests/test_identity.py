@@ -19,7 +19,9 @@ from vec2face_model.identity import (
     perturb,
     sample_identities,
     sigma_counts,
+    validate_identity_vectors,
 )
+from vec2face_model.errors import InvalidInputError
 
 # float32 GEMM rounding of a cosine is ~1e-7; accepted pairs can sit right at τ.
 COSINE_ROUNDING = 1e-6
@@ -285,6 +287,14 @@ def test_progress_bar_runs(prior64):
     assert len(result.vectors) == 50
 
 
+def test_progress_bar_takes_tqdm_options(prior64):
+    import io
+
+    log = io.StringIO()
+    sample_identities(prior64, 20, tau=0.6, seed=0, progress={"file": log, "desc": "ids", "ascii": True})
+    assert "ids: 100%" in log.getvalue() and "20/20" in log.getvalue()
+
+
 # --------------------------------------------------------------------------------------------------
 # perturb
 # --------------------------------------------------------------------------------------------------
@@ -356,8 +366,36 @@ def test_perturb_argument_checks():
         perturb(identities, 5, sigmas=(0.3,), fractions=(0.5, 0.5))
     with pytest.raises(ValueError, match="images_per_identity"):
         perturb(identities, 0)
-    with pytest.raises(ValueError, match="non-zero"):
+    with pytest.raises(InvalidInputError, match="non-zero"):
         perturb(torch.zeros(1, 8), 2)
+    with pytest.raises(InvalidInputError, match=r"rows \[1\] contain NaN or inf"):  # not "must be non-zero"
+        perturb(torch.stack([torch.ones(8), torch.full((8,), float("nan"))]), 2)
+    with pytest.raises(InvalidInputError, match="contain NaN or inf"):
+        perturb(torch.full((1, 8), float("inf")), 2)
+
+
+def test_identity_vector_validation_names_the_problem_and_the_rows():
+    good = torch.randn(3, 512) * 20
+    assert validate_identity_vectors(good).shape == (3, 512)
+    assert validate_identity_vectors(good[0]).shape == (1, 512)  # one vector
+    assert validate_identity_vectors(good.double().numpy()).dtype == torch.float32
+    bad = good.clone()
+    bad[1, 7], bad[2] = float("nan"), 0.0
+    with pytest.raises(InvalidInputError, match=r"rows \[1\] contain NaN or inf values \(1 of 3 rows\)"):
+        validate_identity_vectors(bad)
+    with pytest.raises(InvalidInputError, match=r"rows \[1\] are all zeros"):
+        validate_identity_vectors(bad[[0, 2]])
+    for wrong in (torch.randn(0, 512), torch.randn(4, 511), torch.randn(2, 3, 512), torch.randn(511)):
+        with pytest.raises(InvalidInputError, match="empty|shape"):
+            validate_identity_vectors(wrong)
+    with pytest.raises(InvalidInputError, match="single 512-d vector"):
+        validate_identity_vectors(good, single=True)
+
+
+def test_sample_identities_rejects_negative_counts_with_the_library_error(prior64):
+    with pytest.raises(InvalidInputError, match="non-negative"):
+        sample_identities(prior64, -1)
+    assert sample_identities(prior64, 0).vectors.shape == (0, 64)  # zero is a valid (empty) request here
 
 
 # --------------------------------------------------------------------------------------------------

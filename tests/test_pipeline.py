@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from vec2face_model import AttrOPConfig, AttrOPSchedule, IdentityPrior, Vec2FacePipeline
+from vec2face_model.errors import HubUnreachableError
 from vec2face_model.feature_math import cosine
 from vec2face_model.models.iresnet import IResNet
 from vec2face_model.models.sixdrepnet import SixDRepNet
-from vec2face_model.pipeline_vec2face import TINY_GENERATOR, TINY_IRESNET, TINY_SIXDREPNET
+from vec2face_model.pipeline_hub import offline_advice
+from vec2face_model.pipeline_vec2face import OFFICIAL_FILES, TINY_GENERATOR, TINY_IRESNET, TINY_SIXDREPNET
 
 
 @pytest.fixture(scope="module")
@@ -125,15 +127,24 @@ def test_convert_cli_writes_a_loadable_pipeline(tmp_path):
     assert (tmp_path / "cli" / "generator" / "diffusion_pytorch_model.safetensors").exists()
 
 
-def test_unreachable_repo_id_says_how_to_use_a_local_folder(monkeypatch, tmp_path):
+def test_unreachable_repo_id_says_which_files_to_fetch_and_how(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    for repo in ("BooBooWu/Vec2Face", "someone/other-vec2face"):
-        with pytest.raises(OSError, match="pass the local folder"):
-            Vec2FacePipeline.from_pretrained(repo)
+    with pytest.raises(HubUnreachableError, match="pass the local folder") as official:
+        Vec2FacePipeline.from_pretrained("BooBooWu/Vec2Face")
+    assert isinstance(official.value, OSError)  # callers catching OSError keep working
+    message = str(official.value)
+    files = " ".join(OFFICIAL_FILES.values())
+    assert f"`hf download BooBooWu/Vec2Face {files} center_feature_examples.npy --local-dir Vec2Face`" in message
+    assert "huggingface-cli" not in message and "HF_HUB_OFFLINE is set" in message
+    with pytest.raises(HubUnreachableError, match="hf download someone/other-vec2face --local-dir other-vec2face"):
+        Vec2FacePipeline.from_pretrained("someone/other-vec2face")
+    # online but unreachable: no advice about a variable that is not set
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    assert "HF_HUB_OFFLINE" not in offline_advice("BooBooWu/Vec2Face", ConnectionError("down"))
 
 
 def test_reference_mode_variations_and_interpolation(pipe):

@@ -28,7 +28,7 @@ import torch
 from diffusers import ModelMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 
-from .errors import HSFaceError
+from .errors import HSFaceError, InvalidInputError
 from .feature_math import cosine, l2_normalize, rescale_to_norm
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "perturb",
     "sample_identities",
     "sigma_counts",
+    "validate_identity_vectors",
 ]
 
 # sampler(n, generator) -> [n, dim] candidate identity vectors
@@ -68,6 +69,44 @@ def _as_float_tensor(x: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
     if x.dim() != 2:
         raise ValueError(f"{name} must have shape [N, dim], got {tuple(x.shape)}")
     return x
+
+
+def validate_identity_vectors(vectors, dim: int = 512, *, name: str = "identity_vectors", single: bool = False) -> torch.Tensor:
+    """``vectors`` as a float32 [N, dim] tensor (a single [dim] vector becomes [1, dim]), or an
+    :class:`InvalidInputError` saying what is wrong: not numeric, wrong shape, empty, NaN/inf, all-zero.
+
+    ``single=True`` requires exactly one vector. Identity vectors are un-normalised features: their
+    norm sets the norm of every image vector, so a zero vector has no direction and no scale.
+    """
+    if isinstance(vectors, np.ndarray):
+        if not np.issubdtype(vectors.dtype, np.number) or np.issubdtype(vectors.dtype, np.complexfloating):
+            raise InvalidInputError(f"{name} must hold real numbers, got numpy dtype {vectors.dtype}")
+        vectors = torch.from_numpy(np.ascontiguousarray(vectors))
+    if not isinstance(vectors, torch.Tensor):
+        raise InvalidInputError(f"{name} must be a torch.Tensor or numpy.ndarray of shape [N, {dim}], got {type(vectors).__name__}")
+    if vectors.dtype == torch.bool or vectors.is_complex():
+        raise InvalidInputError(f"{name} must hold real numbers, got {vectors.dtype}")
+    shape = tuple(vectors.shape)
+    if vectors.dim() == 1 and shape[0] == dim:
+        vectors = vectors.unsqueeze(0)
+    if vectors.dim() != 2 or vectors.shape[1] != dim:
+        wanted = f"a {dim}-d vector" if single else f"[N, {dim}] (or one {dim}-d vector)"
+        raise InvalidInputError(f"{name} must have shape {wanted}, got {shape}")
+    if len(vectors) == 0:
+        raise InvalidInputError(f"{name} is empty (shape {shape}): pass at least one vector")
+    if single and len(vectors) != 1:
+        raise InvalidInputError(f"{name} must be a single {dim}-d vector, got {len(vectors)} vectors")
+    vectors = vectors.float()
+    bad = (~torch.isfinite(vectors).all(dim=1)).nonzero().flatten().tolist()
+    if bad:
+        raise InvalidInputError(f"{name} rows {bad[:10]} contain NaN or inf values ({len(bad)} of {len(vectors)} rows); pass finite features")
+    zero = (vectors.norm(dim=1) == 0).nonzero().flatten().tolist()
+    if zero:
+        raise InvalidInputError(
+            f"{name} rows {zero[:10]} are all zeros ({len(zero)} of {len(vectors)} rows); an identity vector's "
+            "direction is the identity and its norm the images' norm, so it must be non-zero"
+        )
+    return vectors
 
 
 # --------------------------------------------------------------------------------------------------
@@ -282,7 +321,7 @@ def sample_identities(
     exclude_tau: float = 0.4,
     block_size: int = 4096,
     max_draws: int | None = None,
-    progress: bool = False,
+    progress: bool | dict = False,
     device: torch.device | str | None = None,
 ) -> IdentitySample:
     """``n`` vectors whose pairwise cosine similarities are all ≤ ``tau``.
@@ -310,12 +349,13 @@ def sample_identities(
             changes the result (checking happens in smaller segments internally).
         max_draws: candidate budget; default ``20·n + 10_000``. Exhausting it raises
             :class:`SamplingBudgetError` with the observed acceptance rate.
-        progress: show a tqdm progress bar.
+        progress: show a tqdm progress bar; a mapping gives its keyword arguments (e.g. a pipeline's
+            ``set_progress_bar_config``).
         device: where the checks run; default the prior's device (CPU for callables). The
             generator lives on this device and is passed to callables.
     """
     if n < 0:
-        raise ValueError(f"n must be non-negative, got {n}")
+        raise InvalidInputError(f"n must be non-negative, got {n}")
     if not -1.0 <= tau <= 1.0:
         raise ValueError(f"tau is a cosine bound and must lie in [-1, 1], got {tau}")
     if not -1.0 <= exclude_tau <= 1.0:
@@ -361,7 +401,7 @@ def sample_identities(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=n, desc="sampling identities", unit="id")
+        bar = tqdm(total=n, **{"desc": "sampling identities", "unit": "id", **(progress if isinstance(progress, dict) else {})})
     try:
         while num_kept < n:
             if num_drawn >= max_draws:
@@ -527,7 +567,7 @@ def perturb(
     identities = _as_float_tensor(identities, "identities")
     k = images_per_identity
     if k < 1:
-        raise ValueError(f"images_per_identity must be ≥ 1, got {k}")
+        raise InvalidInputError(f"images_per_identity must be ≥ 1, got {k}")
     if len(sigmas) != len(fractions) or len(sigmas) == 0:
         raise ValueError(f"sigmas and fractions must be non-empty and of equal length, got {len(sigmas)} and {len(fractions)}")
     if any(s < 0 for s in sigmas):
@@ -543,8 +583,8 @@ def perturb(
     base = identities.detach().to("cpu", torch.float32)
     num_ids, dim = base.shape
     base_norm = base.norm(dim=1)
-    if num_ids and not bool((base_norm > 0).all()):
-        raise ValueError("identity vectors must be non-zero (their norm is the target norm of each image)")
+    if num_ids:
+        validate_identity_vectors(base, dim, name="identities")  # NaN/inf/zero rows, each named
 
     counts = sigma_counts(k, fractions)
     sigma_per_image = torch.repeat_interleave(

@@ -12,6 +12,7 @@ AttrOP. Every image is a function of (seed, identity index, image index) only.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
+from diffusers.utils.distributed_utils import is_torch_dist_rank_zero
+from huggingface_hub import ModelCard
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -28,20 +31,26 @@ from . import seeding
 from .attrop import AttrOPConfig, attrop
 from .conventions import from_pil, tensor_to_uint8, to_pil
 from .feature_math import cosine, l2_normalize, rescale_to_norm
-from .identity import IdentityPrior, perturb, sample_identities
+from .errors import HubUnreachableError, InvalidInputError
+from .identity import IdentityPrior, PerturbedVectors, perturb, sample_identities, validate_identity_vectors
 from .models.generator import Vec2Face
 from .models.iresnet import IResNet, magface_quality
 from .models.sixdrepnet import SixDRepNet
+from .pipeline_hub import (  # noqa: F401 - OFFICIAL_* are part of this module's interface
+    OFFICIAL_FILES,
+    OFFICIAL_PRIOR_FEATURES,
+    OFFICIAL_REPO_ID,
+    REMOTE_CODE_MODULE,
+    check_component_weights,
+    is_hub_unreachable,
+    is_placeholder_card,
+    offline_advice,
+    raise_for_unreadable_weights,
+    remote_code,
+)
+from .pipeline_hub import model_card as build_model_card
 from .timing import StageTimer
 
-OFFICIAL_REPO_ID = "BooBooWu/Vec2Face"
-OFFICIAL_FILES = {
-    "generator": "weights/vec2face_generator.pth",
-    "recognizer": "weights/arcface-r100-glint360k.pth",
-    "quality": "weights/magface-r100-glint360k.pth",
-    "pose": "weights/6DRepNet_300W_LP_AFLW2000.pth",
-}
-OFFICIAL_PRIOR_FEATURES = "center_feature_examples.npy"
 
 PRESETS = ("random-tiny",)
 
@@ -66,7 +75,7 @@ class AttrOPSchedule:
         """Per image index: the yaw target, or None for a plain image."""
         total = sum(count for count, _ in self.groups)
         if total > images_per_identity:
-            raise ValueError(f"AttrOP schedule needs {total} images per identity, only {images_per_identity} requested")
+            raise InvalidInputError(f"AttrOP schedule needs {total} images per identity, only {images_per_identity} requested")
         targets: list[float | None] = [None] * (images_per_identity - total)
         for count, yaw in self.groups:
             targets += [float(yaw)] * count
@@ -137,48 +146,74 @@ class Vec2FacePipeline(DiffusionPipeline):
         attrop: AttrOPSchedule | None = None,
         refine_identities: AttrOPConfig | None = None,
         seed: int = 0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         identity_offset: int = 0,
         output_type: str = "pil",
+        return_dict: bool = True,
         batch_size: int = 32,
         progress: bool = True,
         on_images: Callable[[int], None] | None = None,
         precision: str = "fp32",
-    ) -> Vec2FacePipelineOutput:
+    ) -> Vec2FacePipelineOutput | tuple:
         """Generate ``images_per_identity`` faces for each identity.
 
-        Identities are ``identity_vectors`` ([N, 512], global indices ``identity_offset + i``) or
-        ``num_identities`` fresh samples from the prior with pairwise cosine ≤ ``tau``.
-        ``refine_identities`` runs the official identity-refinement AttrOP pass (quality only) first.
-        ``on_images(n)`` is called as images are finished (for a caller's progress bar).
-        ``precision`` "bf16"/"fp16" runs the networks under autocast (opt-in: changes pixels by rounding).
+        Identities are ``identity_vectors`` ([N, 512] or one 512-d vector, global indices
+        ``identity_offset + i``) or ``num_identities`` fresh samples from the prior with pairwise
+        cosine ≤ ``tau``. ``refine_identities`` runs the official identity-refinement AttrOP pass
+        (quality only) first. ``on_images(n)`` is called as images are finished (for a caller's
+        progress bar). ``precision`` "bf16"/"fp16" runs the networks under autocast (opt-in:
+        changes pixels by rounding).
+
+        Randomness: every draw is keyed by (seed, identity index, image index), never by batch
+        position. ``generator`` is diffusers' way to pass it: one int64 is drawn from a
+        ``torch.Generator`` and used as ``seed`` (so a freshly seeded generator reproduces a call
+        and a reused one gives new images, as in diffusers); a list holds one generator per
+        identity, and identity ``i`` uses the seed drawn from ``generator[i]`` (sampling, when
+        ``num_identities`` is given, uses the first). ``return_dict=False`` returns
+        ``output.to_tuple()`` (images first). Progress bars follow ``set_progress_bar_config``;
+        ``progress=False`` turns them off.
         """
         if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+            raise InvalidInputError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
         if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+            raise InvalidInputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        _check_count("images_per_identity", images_per_identity)
+        _check_count("batch_size", batch_size)
+        if isinstance(identity_offset, bool) or not isinstance(identity_offset, (int, np.integer)) or identity_offset < 0:
+            raise InvalidInputError(f"identity_offset must be a non-negative integer, got {identity_offset!r}")
+        if identity_vectors is None:
+            if num_identities is None:
+                raise InvalidInputError("pass identity_vectors ([N, 512]) or num_identities (how many to sample)")
+            _check_count("num_identities", num_identities)
+            count_ids = num_identities
+        else:
+            identity_vectors = validate_identity_vectors(identity_vectors, self.generator.config.rep_dim)
+            count_ids = len(identity_vectors)
+        if attrop is not None:
+            attrop.target_yaws(images_per_identity)  # a schedule that does not fit fails before any work
+        seeds = _identity_seeds(generator, seed, count_ids)
         autocast = torch.autocast(self.device.type, dtype=PRECISIONS[precision] or torch.bfloat16, enabled=precision != "fp32")
         clock = StageTimer(self.device)
         # 1. identities (section 3.2)
         if identity_vectors is None:
-            if num_identities is None:
-                raise ValueError("pass identity_vectors or num_identities")
             with clock.stage("sample"):
-                identity_vectors = self.sample_identities(num_identities, tau=tau, seed=seed).vectors
-        identities = torch.as_tensor(np.asarray(identity_vectors) if isinstance(identity_vectors, np.ndarray) else identity_vectors)
-        identities = identities.float().to(self.device)
+                identity_vectors = self.sample_identities(num_identities, tau=tau, seed=int(seeds[0]), progress=progress).vectors
+        identities = identity_vectors.float().to(self.device)
         # 2. optional refinement: AttrOP towards quality only, the identity being its own target
         if refine_identities is not None:
             with clock.stage("refine"):
-                identities = self.refine(identities, refine_identities, seed=seed, identity_offset=identity_offset, batch_size=batch_size)
+                identities = self.refine(identities, refine_identities, seed=seeds, identity_offset=identity_offset,
+                                         batch_size=batch_size, progress=progress)
         # 3. perturbation into per-image vectors
         with clock.stage("perturb"):
-            perturbed = perturb(
-                identities, images_per_identity, sigmas=sigmas, fractions=fractions,
-                min_similarity=min_similarity, seed=seed, identity_offset=identity_offset,
+            perturbed = _perturb_with_seeds(
+                identities, images_per_identity, seeds, sigmas=sigmas, fractions=fractions,
+                min_similarity=min_similarity, identity_offset=identity_offset,
             )
         vectors = perturbed.vectors.to(self.device)
         labels = perturbed.identity_index.cpu()
         image_index = perturbed.image_index.cpu()
+        row_seeds = seeds[labels - identity_offset]
         count = len(vectors)
         target_yaw = torch.full((count,), float("nan"))
         if attrop is not None:
@@ -195,25 +230,25 @@ class Vec2FacePipeline(DiffusionPipeline):
             if on_images is not None:
                 on_images(len(rows))
 
-        with autocast, tqdm(total=count, disable=not progress, desc="Vec2Face", unit="img") as bar:
+        with autocast, self._progress(count, "Vec2Face", "img", progress) as bar:
             # 4. plain decoding
             with clock.stage("decode"):
-                for rows in torch.nonzero(target_yaw.isnan()).flatten().split(batch_size):
-                    images.put(rows, self.decode(vectors[rows], labels[rows], image_index[rows], seed=seed))
+                for rows in _batches(torch.nonzero(target_yaw.isnan()).flatten(), batch_size):
+                    images.put(rows, self.decode(vectors[rows], labels[rows], image_index[rows], seed=row_seeds[rows]))
                     finished(rows)
             # 5. AttrOP for the scheduled pose images (section 3.3)
             with clock.stage("attrop"):
                 for target in target_yaw[~target_yaw.isnan()].unique().tolist():
                     config = AttrOPConfig(**{**attrop.config.__dict__, "target_yaw": target})
-                    for rows in torch.nonzero(target_yaw == target).flatten().split(batch_size):
-                        result = self.steer(vectors[rows], identities[labels[rows] - identity_offset], labels[rows], image_index[rows], config, seed=seed)
+                    for rows in _batches(torch.nonzero(target_yaw == target).flatten(), batch_size):
+                        result = self.steer(vectors[rows], identities[labels[rows] - identity_offset], labels[rows], image_index[rows], config, seed=row_seeds[rows])
                         vectors[rows] = result.vectors.to(vectors.dtype)
                         images.put(rows, result.images)
                         yaw[rows], quality[rows], success[rows] = result.yaw, result.quality, result.success
                         finished(rows)
 
         cos = cosine(vectors, identities[labels - identity_offset]).cpu()
-        return Vec2FacePipelineOutput(
+        output = Vec2FacePipelineOutput(
             images=images.result(output_type),
             labels=labels.numpy(),
             image_index=image_index.numpy(),
@@ -227,20 +262,38 @@ class Vec2FacePipeline(DiffusionPipeline):
             vectors=vectors.detach().cpu(),
             timings=clock.as_dict(),
         )
+        return output if return_dict else output.to_tuple()
+
+    def _progress(self, total: int, desc: str, unit: str, enabled: bool = True):
+        """A tqdm bar configured like diffusers' ``progress_bar`` (``set_progress_bar_config`` wins over
+        the defaults given here); ``enabled=False`` turns it off whatever the config says."""
+        config = {"desc": desc, "unit": unit, "disable": not is_torch_dist_rank_zero(), **getattr(self, "_progress_bar_config", {})}
+        if not enabled:
+            config["disable"] = True
+        return tqdm(total=total, **config)
 
     def sample_identities(self, num_identities: int, *, tau: float = 0.3, seed: int = 0, exclude=None, exclude_tau: float = 0.4, progress: bool = False):
-        """Identity vectors from the prior with pairwise cosine ≤ tau (see :func:`identity.sample_identities`)."""
+        """Identity vectors from the prior with pairwise cosine ≤ tau (see :func:`identity.sample_identities`).
+
+        ``progress=True`` shows a bar configured by ``set_progress_bar_config``.
+        """
+        _check_count("num_identities", num_identities)
         if self.prior is None:
             raise ValueError(
                 "this pipeline has no identity prior: fit one on real identity features "
                 "(Vec2FacePipeline.from_official(folder, prior_features=features) or "
                 "pipe.prior = IdentityPrior.from_features(features)) or pass identity_vectors"
             )
-        return sample_identities(self.prior, num_identities, tau=tau, seed=seed, exclude=exclude, exclude_tau=exclude_tau, progress=progress)
+        bar = {"desc": "sampling identities", "unit": "id", **getattr(self, "_progress_bar_config", {})} if progress else False
+        return sample_identities(self.prior, num_identities, tau=tau, seed=seed, exclude=exclude, exclude_tau=exclude_tau, progress=bar)
 
-    def decode(self, vectors: torch.Tensor, labels: torch.Tensor, image_index: torch.Tensor, *, seed: int, stream: int = seeding.STREAM_MASK, iteration: int | None = None) -> torch.Tensor:
-        """Vectors -> images [B,3,112,112] (unclipped), each with its own keyed mask generator."""
-        keys = [(seed, stream, int(i), int(j)) + (() if iteration is None else (iteration,)) for i, j in zip(labels, image_index)]
+    def decode(self, vectors: torch.Tensor, labels: torch.Tensor, image_index: torch.Tensor, *, seed: int | torch.Tensor, stream: int = seeding.STREAM_MASK, iteration: int | None = None) -> torch.Tensor:
+        """Vectors -> images [B,3,112,112] (unclipped), each with its own keyed mask generator.
+
+        ``seed`` is one int for the batch or one per row.
+        """
+        seeds = torch.as_tensor(seed, dtype=torch.long).expand(len(labels)).tolist()
+        keys = [(s, stream, int(i), int(j)) + (() if iteration is None else (iteration,)) for s, i, j in zip(seeds, labels, image_index)]
         drop, masked = self.generator.draw_masks(len(keys), [seeding.keyed_generator(*k) for k in keys])
         if torch.is_grad_enabled() and vectors.requires_grad:
             return self.generator(vectors, token_drop_mask=drop, token_all_mask=masked).images
@@ -258,8 +311,9 @@ class Vec2FacePipeline(DiffusionPipeline):
         """
         self._compiled_generator = torch.compile(self.generator, **compile_options)
 
-    def steer(self, vectors, identity_vectors, labels, image_index, config: AttrOPConfig, *, seed: int, stream: int = seeding.STREAM_ATTROP_MASK):
-        """AttrOP on a batch of vectors, with per-(identity, image, iteration) masks."""
+    def steer(self, vectors, identity_vectors, labels, image_index, config: AttrOPConfig, *, seed: int | torch.Tensor, stream: int = seeding.STREAM_ATTROP_MASK):
+        """AttrOP on a batch of vectors, with per-(identity, image, iteration) masks (``seed``: one int or one per row)."""
+        seed = torch.as_tensor(seed, dtype=torch.long).expand(len(labels))
         missing = [name for name in ("recognizer", "quality") if getattr(self, name) is None]
         if config.target_yaw is not None and self.pose is None:
             missing.append("pose")
@@ -267,7 +321,8 @@ class Vec2FacePipeline(DiffusionPipeline):
             raise ValueError(f"AttrOP needs the {', '.join(missing)} component(s); load a pipeline that has them")
 
         def decode(v, rows, iteration):
-            return self.decode(v, labels[rows.cpu()], image_index[rows.cpu()], seed=seed, stream=stream, iteration=iteration)
+            rows = rows.cpu()
+            return self.decode(v, labels[rows], image_index[rows], seed=seed[rows], stream=stream, iteration=iteration)
 
         yaw_fn = (lambda images: self.pose.predict_euler(images)[:, 1]) if self.pose is not None else None
         return attrop(
@@ -279,14 +334,22 @@ class Vec2FacePipeline(DiffusionPipeline):
             models=[m for m in (self.generator, self.recognizer, self.quality, self.pose) if m is not None],
         )
 
-    def refine(self, identities: torch.Tensor, config: AttrOPConfig, *, seed: int, identity_offset: int = 0, batch_size: int = 32) -> torch.Tensor:
-        """The official identity-refinement step: AttrOP towards quality only, each identity its own target."""
+    def refine(self, identities: torch.Tensor, config: AttrOPConfig, *, seed: int | torch.Tensor, identity_offset: int = 0,
+               batch_size: int = 32, progress: bool = True) -> torch.Tensor:
+        """The official identity-refinement step: AttrOP towards quality only, each identity its own target.
+
+        ``seed``: one int, or one per identity. The bar advances by identity as each batch finishes.
+        """
         config = AttrOPConfig(**{**config.__dict__, "target_yaw": None})
         labels = torch.arange(len(identities)) + identity_offset
+        seeds = torch.as_tensor(seed, dtype=torch.long).expand(len(identities))
         refined = identities.clone()
-        for rows in torch.arange(len(identities)).split(batch_size):
-            result = self.steer(identities[rows], identities[rows], labels[rows], torch.zeros(len(rows), dtype=torch.long), config, seed=seed, stream=seeding.STREAM_REFINE_MASK)
-            refined[rows] = result.vectors.to(refined.dtype)
+        with self._progress(len(identities), "refining identities", "id", progress) as bar:
+            for rows in _batches(torch.arange(len(identities)), batch_size):
+                result = self.steer(identities[rows], identities[rows], labels[rows], torch.zeros(len(rows), dtype=torch.long), config,
+                                    seed=seeds[rows], stream=seeding.STREAM_REFINE_MASK)
+                refined[rows] = result.vectors.to(refined.dtype)
+                bar.update(len(rows))
         return refined
 
     # ------------------------------------------------------------------------------------------
@@ -318,7 +381,9 @@ class Vec2FacePipeline(DiffusionPipeline):
 
     def interpolate(self, a: torch.Tensor, b: torch.Tensor, steps: int = 8, seed: int = 0, output_type: str = "pil"):
         """Faces along the straight line from vector ``a`` to ``b`` (norm interpolated too), one mask for all steps."""
-        a, b = a.reshape(1, -1).float(), b.reshape(1, -1).float()
+        _check_count("steps", steps)
+        rep_dim = self.generator.config.rep_dim
+        a, b = (validate_identity_vectors(v, rep_dim, name=name, single=True) for v, name in ((a, "a"), (b, "b")))
         t = torch.linspace(0, 1, steps).unsqueeze(1)
         norms = (1 - t) * a.norm() + t * b.norm()
         vectors = rescale_to_norm((1 - t) * l2_normalize(a) + t * l2_normalize(b), norms.squeeze(1)).to(self.device)
@@ -365,9 +430,10 @@ class Vec2FacePipeline(DiffusionPipeline):
         """A local folder (diffusers format or official layout), a preset name, or a Hub repo id.
 
         For the official layout, ``kwargs`` are generator config overrides (head counts of a
-        non-released generator size); otherwise they go to diffusers. The official repo id fetches only the four weight files and the prior features (the repo
-        also holds a 42 GB training LMDB). Offline, an unreachable repo id raises an error that
-        says how to pass a local folder instead.
+        non-released generator size); otherwise they go to diffusers. The official repo id fetches
+        only the four weight files and the prior features (the repo also holds a 42 GB training
+        LMDB). An unreachable Hub raises :class:`HubUnreachableError` saying which files to fetch
+        elsewhere; an unreadable or foreign weight file raises ``WeightsLoadError`` naming it.
         """
         name = str(pretrained_model_name_or_path)
         if name in PRESETS:
@@ -376,7 +442,7 @@ class Vec2FacePipeline(DiffusionPipeline):
         if path.is_dir():
             if (path / OFFICIAL_FILES["generator"]).exists():
                 return cls.from_official(path, prior_features=prior_features, **kwargs)
-            return super().from_pretrained(path, **kwargs)
+            return cls._from_diffusers_folder(path, **kwargs)
         if path.exists() or name.count("/") != 1:
             raise FileNotFoundError(f"{name}: not a folder, preset ({', '.join(PRESETS)}) or Hub repo id (owner/name)")
         try:
@@ -385,15 +451,71 @@ class Vec2FacePipeline(DiffusionPipeline):
 
                 local = snapshot_download(name, allow_patterns=[*OFFICIAL_FILES.values(), f"*{OFFICIAL_PRIOR_FEATURES}"])
                 return cls.from_official(local, prior_features=prior_features)
-            return super().from_pretrained(name, **kwargs)
+            folder = cls.download(name, **kwargs)
         except Exception as err:
-            if not _is_hub_unreachable(err):
+            if not is_hub_unreachable(err):
                 raise
-            raise OSError(
-                f"Could not reach the Hugging Face Hub for {name!r} ({type(err).__name__}). Download the repository "
-                f"elsewhere (e.g. `huggingface-cli download {name} --local-dir Vec2Face`) and pass the local folder: "
-                f"Vec2FacePipeline.from_pretrained('Vec2Face'). Unset HF_HUB_OFFLINE if you meant to go online."
-            ) from err
+            raise HubUnreachableError(offline_advice(name, err)) from err
+        return cls._from_diffusers_folder(Path(folder), **kwargs)
+
+    @classmethod
+    def _from_diffusers_folder(cls, folder: Path, **kwargs) -> "Vec2FacePipeline":
+        """diffusers' loader, plus what it does not check: every weight file readable and complete,
+        and holding exactly the keys of its component (diffusers would randomly initialise the rest)."""
+        try:
+            pipe = super().from_pretrained(folder, **kwargs)
+        except (OSError, ValueError) as err:
+            raise_for_unreadable_weights(folder, err)
+            raise
+        check_component_weights(folder, pipe)
+        return pipe
+
+    @classmethod
+    def _dict_from_json_file(cls, json_file):
+        # model_index.json names the class as [module file, class] so that the plain
+        # DiffusionPipeline.from_pretrained can find it; loading through this class needs no
+        # remote code, so the list form is read as this class's own name (see pipeline_card).
+        config = super()._dict_from_json_file(json_file)
+        class_name = config.get("_class_name")
+        if isinstance(class_name, (list, tuple)) and len(class_name) == 2 and class_name[1] == cls.__name__:
+            config["_class_name"] = cls.__name__
+        return config
+
+    def to_json_string(self) -> str:
+        """``model_index.json`` with ``_class_name = ["pipeline", <class>]``, diffusers' form for a
+        pipeline whose code ships in the repository (the ``pipeline.py`` written by ``save_pretrained``)."""
+        config = json.loads(super().to_json_string())
+        config["_class_name"] = [REMOTE_CODE_MODULE, type(self).__name__]
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """diffusers' ``save_pretrained`` plus ``pipeline.py``, the shim through which
+        ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` finds this class."""
+        shim = Path(save_directory) / f"{REMOTE_CODE_MODULE}.py"
+        if shim.exists() and not shim.read_text().startswith(remote_code(type(self)).split("\n")[0]):
+            raise InvalidInputError(f"{shim} exists and was not written by hsface; save into another folder")
+        shim.parent.mkdir(parents=True, exist_ok=True)
+        shim.write_text(remote_code(type(self)))
+        super().save_pretrained(save_directory, *args, **kwargs)
+
+    def model_card(self, repo_id: str) -> ModelCard:
+        """The model card ``push_to_hub`` uploads: license, base model, usage, limitations."""
+        components = {}
+        for name in ("generator", "recognizer", "quality", "pose", "prior"):
+            module = getattr(self, name)
+            if module is not None:
+                count = sum(p.numel() for p in module.parameters()) + sum(b.numel() for b in module.buffers())
+                components[name] = f"{type(module).__name__}, {count / 1e6:.1f}M values"
+        return build_model_card(repo_id, preset=self.config.preset, components=components, has_prior=self.prior is not None)
+
+    def _upload_folder(self, working_dir, repo_id: str, *args, **kwargs):
+        # Called by diffusers' push_to_hub (and save_pretrained(push_to_hub=True)) with the saved
+        # folder; diffusers put the repo's existing card there, or a generic placeholder: the
+        # placeholder is replaced by this pipeline's card, a card someone wrote is kept.
+        readme = Path(working_dir) / "README.md"
+        if not readme.exists() or is_placeholder_card(ModelCard.load(readme)):
+            self.model_card(repo_id).save(readme)
+        return super()._upload_folder(working_dir, repo_id, *args, **kwargs)
 
     @classmethod
     def from_preset(cls, name: str = "random-tiny", seed: int = 0) -> "Vec2FacePipeline":
@@ -402,7 +524,7 @@ class Vec2FacePipeline(DiffusionPipeline):
         Its images are not faces; datasets built with it are labelled ``random-tiny``.
         """
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
+            raise InvalidInputError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             generator = Vec2Face(**TINY_GENERATOR).eval()
@@ -438,11 +560,45 @@ TINY_IRESNET = dict(layers=[1, 1, 1, 1], num_features=512)
 TINY_SIXDREPNET = dict(num_blocks=[1, 1, 1, 1], width_multipliers=[0.25, 0.25, 0.25, 0.25])
 
 
-def _is_hub_unreachable(err: BaseException) -> bool:
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
-    while err is not None:
-        if isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, ConnectionError, TimeoutError)):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
+def _check_count(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _batches(rows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """``rows`` in consecutive batches; none at all for no rows (``split`` would yield one empty batch)."""
+    return list(rows.split(batch_size)) if len(rows) else []
+
+
+def _seed_from_generator(generator: torch.Generator) -> int:
+    """One non-negative int64 drawn from ``generator`` (advancing it, as a diffusers pipeline would)."""
+    if not isinstance(generator, torch.Generator):
+        raise InvalidInputError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}")
+    return int(torch.randint(0, 2**63 - 1, (1,), generator=generator, device=generator.device))
+
+
+def _identity_seeds(generator, seed: int, num_identities: int) -> torch.Tensor:
+    """The seed of each identity [N] (long): ``seed``, one drawn from ``generator``, or one per listed generator."""
+    if generator is None:
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise InvalidInputError(f"seed must be a non-negative integer, got {seed!r}")
+        return torch.full((num_identities,), int(seed), dtype=torch.long)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != num_identities:
+            raise InvalidInputError(
+                f"got {len(generator)} generators for {num_identities} identities: pass one torch.Generator, "
+                "or a list with one per identity"
+            )
+        return torch.tensor([_seed_from_generator(g) for g in generator], dtype=torch.long)
+    return torch.full((num_identities,), _seed_from_generator(generator), dtype=torch.long)
+
+
+def _perturb_with_seeds(identities: torch.Tensor, images_per_identity: int, seeds: torch.Tensor, *, identity_offset: int, **options) -> PerturbedVectors:
+    """:func:`identity.perturb` where identity ``i`` uses ``seeds[i]``: one call when all seeds agree, else
+    one per identity (each row depends only on its identity's seed and global index either way)."""
+    if bool((seeds == seeds[0]).all()):
+        return perturb(identities, images_per_identity, seed=int(seeds[0]), identity_offset=identity_offset, **options)
+    parts = [perturb(identities[i : i + 1], images_per_identity, seed=int(s), identity_offset=identity_offset + i, **options)
+             for i, s in enumerate(seeds.tolist())]
+    return PerturbedVectors(*(torch.cat([getattr(p, f) for p in parts]) for f in PerturbedVectors.__dataclass_fields__))

@@ -36,6 +36,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from ..convert import StateDict, WeightsLoadError, load_official_model
+from ..errors import InvalidInputError
 
 NUM_FEATURE_TOKENS = 49  # 7x7 map, hard-coded in the official model
 SEQUENCE_LENGTH = NUM_FEATURE_TOKENS + 1  # plus the identity token at position 0
@@ -44,6 +45,9 @@ TOKEN_GRID = 7
 # Truncated-normal mask-ratio settings (min, mu, std, max) used by the official scripts.
 INFERENCE_MASK_RATIO = (0.1, 0.15, 0.25, 1.0)
 TRAINING_MASK_RATIO = (0.5, 0.75, 0.25, 1.0)
+
+# What the weights determine about the released generator; its head counts (12/16) are the defaults.
+RELEASED_SIZE = {"embed_dim": 768, "depth": 12, "decoder_depth": 8}
 
 GeneratorArg = torch.Generator | list[torch.Generator] | None
 
@@ -290,11 +294,27 @@ class ImageDecoder(nn.Module):
         self.up = nn.ModuleList(levels[level] for level in range(len(widths)))
         self.norm_out = _group_norm(widths[0])
         self.conv_out = nn.Conv2d(widths[0], out_channels, 3, padding=1)
+        # diffusers' ModelMixin.enable_gradient_checkpointing sets these two on every module that has them
+        self.gradient_checkpointing = False
+        self._gradient_checkpointing_func = None
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z))
+        # The same sequence as mid(...) then each level(...); with checkpointing on, each ResnetBlock,
+        # upsampling and the output head is its own segment: the full-resolution blocks hold the
+        # largest activations, so whole levels as segments would keep most of the memory.
+        checkpoint = _checkpointing(self)
+        h = self.conv_in(z)
+        for unit in self._units():
+            h = checkpoint(unit, h)
+        return checkpoint(self._head, h)
+
+    def _units(self) -> list[nn.Module]:
+        units = [self.mid.block_1, self.mid.block_2]
         for level in reversed(self.up):
-            h = level(h)
+            units += list(level.block) + ([level.upsample] if hasattr(level, "upsample") else [])
+        return units
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
         return self.conv_out(F.silu(self.norm_out(h), inplace=not torch.is_grad_enabled()))
 
 
@@ -308,7 +328,13 @@ class Vec2Face(ModelMixin, ConfigMixin):
 
     ``forward(vectors)`` maps [B, rep_dim] identity vectors to [B,3,112,112] images. Masks are drawn
     from ``generator`` with the config's inference mask ratio unless given explicitly.
+
+    ``enable_gradient_checkpointing()`` (diffusers' mechanism) recomputes every transformer block and
+    every image-decoder level in the backward pass instead of keeping their activations: same loss
+    and gradients (dropout masks are replayed), less memory, about one extra forward of compute.
     """
+
+    _supports_gradient_checkpointing = True
 
     @register_to_config
     def __init__(
@@ -366,6 +392,8 @@ class Vec2Face(ModelMixin, ConfigMixin):
             transformer_block(decoder_embed_dim, decoder_num_heads, mlp_ratio, layer_norm_eps, dropout) for _ in range(decoder_depth)
         )
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=layer_norm_eps)
+        self.gradient_checkpointing = False
+        self._gradient_checkpointing_func = None
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -410,8 +438,9 @@ class Vec2Face(ModelMixin, ConfigMixin):
         keep = ~token_drop_mask.bool()
         num_kept = _uniform_row_count(keep, "token_drop_mask")
         x = tokens[keep].reshape(tokens.shape[0], num_kept, tokens.shape[-1])
+        checkpoint = _checkpointing(self)
         for block in self.blocks:
-            x = block(x)
+            x = checkpoint(block, x)
         return self.norm(x), gt_tokens
 
     def decode_tokens(self, latent: torch.Tensor, token_drop_mask: torch.Tensor, token_all_mask: torch.Tensor):
@@ -425,8 +454,9 @@ class Vec2Face(ModelMixin, ConfigMixin):
         # Encoder outputs of masked-but-kept tokens are discarded too (official behaviour).
         padded = torch.where(token_all_mask.bool().unsqueeze(-1), fill, padded)
         x = padded + self.decoder_pos_embed_learned
+        checkpoint = _checkpointing(self)
         for block in self.decoder_blocks:
-            x = block(x)
+            x = checkpoint(block, x)
         logits = self.decoder_norm(x)
         grid = logits[:, 1:].reshape(batch, TOKEN_GRID, TOKEN_GRID, width)
         image_latents = self.im_decoder_proj(grid).permute(0, 3, 1, 2)
@@ -471,7 +501,26 @@ class Vec2Face(ModelMixin, ConfigMixin):
         Head counts cannot be read off the weights: they default to the released model's values
         (12 encoder, 16 decoder) and can be overridden, as can the mask-ratio settings.
         """
-        return load_official_model(cls, path_or_state_dict, infer_generator_config, overrides)  # unwraps checkpoint["model_vec2face"]
+        def infer_config(state_dict: StateDict, source: str) -> dict:
+            config = infer_generator_config(state_dict, source)
+            size = {key: config[key] for key in RELEASED_SIZE}
+            missing_heads = [key for key in ("num_heads", "decoder_num_heads") if key not in overrides]
+            if size != RELEASED_SIZE and missing_heads:
+                raise InvalidInputError(
+                    f"{source}: a generator of size {size}, not the released {RELEASED_SIZE}; head counts cannot be "
+                    f"read from weights, so pass {' and '.join(missing_heads)} as trained (from_official(..., "
+                    f"num_heads=..., decoder_num_heads=...); hsface convert --num-heads N --decoder-num-heads M)"
+                )
+            return config
+
+        return load_official_model(cls, path_or_state_dict, infer_config, overrides)  # unwraps checkpoint["model_vec2face"]
+
+
+def _checkpointing(module: nn.Module):
+    """``module``'s checkpointing function while it is on and autograd records, else a plain call."""
+    if module.gradient_checkpointing and torch.is_grad_enabled():
+        return module._gradient_checkpointing_func
+    return lambda block, *args: block(*args)
 
 
 def _uniform_row_count(mask: torch.Tensor, name: str) -> int:
