@@ -6,7 +6,8 @@ The names below are imported on first use (PEP 562), so ``hsface --help`` does n
 import importlib
 
 _EXPORTS = {
-    "PRESETS": ".config",
+    "HSFACE_CONFIGS": ".config",
+    "PRESETS": ".config",  # deprecated alias of HSFACE_CONFIGS
     "HSFaceConfig": ".config",
     "get_config": ".config",
     "HSFace": ".hsface_builder",

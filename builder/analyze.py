@@ -13,17 +13,15 @@ replaced (or inserted once).
 from __future__ import annotations
 
 import argparse
-import copy
-import functools
-import io
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from .analysis_card import analysis_sections, card_section, replace_card_section  # noqa: F401  (re-exported)
 
 # torch and the models are imported where they are used, so that `hsface --help` (which registers
 # this subcommand through add_parser) starts without importing torch.
@@ -44,6 +42,16 @@ __all__ = [
 ]
 
 DEFAULT_CACHE_DIR = Path("~/.cache/hsface/features")
+_FROM_RECOGNIZERS = ("load_recognizer", "recognizer_hash")  # their home is vec2face_model.recognizers
+
+
+def __getattr__(name: str):
+    # re-exported lazily: importing vec2face_model here would make `hsface --help` import torch
+    if name in _FROM_RECOGNIZERS:
+        from vec2face_model import recognizers
+
+        return getattr(recognizers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 ANALYSIS_DIR = "analysis"  # under <built folder>/<config>/
 GRID_IDENTITIES = 8
 GRID_IMAGES = 8
@@ -52,82 +60,11 @@ GRID_IMAGES = 8
 # --- recognizer -------------------------------------------------------------------------------
 
 
-def recognizer_hash(model: torch.nn.Module) -> str:
-    """sha256 of the recognizer's weights: the builder's provenance digest (:func:`weights_sha256`),
-    so an analysis can be matched to the recognizer a dataset was generated with."""
-    from vec2face_model.convert import weights_sha256
-
-    return weights_sha256(model)
-
-
-def _official_recognizer_file() -> Path:
-    from huggingface_hub import hf_hub_download
-
-    from vec2face_model.pipeline_vec2face import OFFICIAL_FILES, OFFICIAL_REPO_ID
-
-    try:
-        return Path(hf_hub_download(OFFICIAL_REPO_ID, OFFICIAL_FILES["recognizer"]))
-    except Exception as err:  # offline, not cached, no access: all end in the same advice
-        raise FileNotFoundError(
-            f"no recognizer given and the official ArcFace weights ({OFFICIAL_REPO_ID}/{OFFICIAL_FILES['recognizer']}) "
-            f"are not available ({type(err).__name__}). Pass --recognizer: an IResNet folder (save_pretrained), "
-            "an official .pth, a Vec2FacePipeline folder, or 'random-tiny' for a smoke run."
-        ) from err
-
-
-def load_recognizer(name_or_path: str | os.PathLike | None = None) -> IResNet:
-    """An IResNet in eval mode, from one of:
-
-    * ``None``: the official ArcFace R100 weights of the official Vec2Face Hub repository (from the
-      local Hub cache, or downloaded when online);
-    * ``"random-tiny"``: the recognizer of the random-weight preset pipeline (smoke runs only);
-    * a ``.pth``/``.pt``/``.safetensors`` file with official IResNet weights;
-    * a folder written by ``IResNet.save_pretrained``;
-    * a ``Vec2FacePipeline`` folder (diffusers layout: its ``recognizer`` subfolder; official
-      layout: ``weights/arcface-r100-glint360k.pth``).
-    """
-    from vec2face_model.models.iresnet import IResNet
-    from vec2face_model.pipeline_vec2face import OFFICIAL_FILES, PRESETS
-
-    if name_or_path is None:
-        return IResNet.from_official(_official_recognizer_file()).eval()
-    name = str(name_or_path)
-    if name in PRESETS:
-        return copy.deepcopy(_preset_recognizer(name))
-    path = Path(name).expanduser()
-    if path.is_file():
-        return IResNet.from_official(path).eval()
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"recognizer {name!r}: no such file or folder. Pass an IResNet folder, an official .pth, "
-            f"a Vec2FacePipeline folder, or a preset ({', '.join(PRESETS)})."
-        )
-    if (path / "model_index.json").exists():
-        if not (path / "recognizer" / "config.json").exists():
-            raise ValueError(f"{path} is a Vec2FacePipeline folder without a recognizer component; pass --recognizer explicitly")
-        return IResNet.from_pretrained(path / "recognizer").eval()
-    if (path / OFFICIAL_FILES["recognizer"]).exists():
-        return IResNet.from_official(path / OFFICIAL_FILES["recognizer"]).eval()
-    if (path / "config.json").exists():
-        return IResNet.from_pretrained(path).eval()
-    raise ValueError(
-        f"{path}: neither an IResNet folder (config.json), a Vec2FacePipeline folder (model_index.json) "
-        f"nor an official folder ({OFFICIAL_FILES['recognizer']})"
-    )
-
-
-@functools.lru_cache(maxsize=None)
-def _preset_recognizer(name: str) -> IResNet:
-    # Building a preset pipeline fits its identity prior (seconds); the recognizer is all we need, once.
-    from vec2face_model.pipeline_vec2face import Vec2FacePipeline
-
-    return Vec2FacePipeline.from_preset(name).recognizer.eval()
-
-
 def _describe_recognizer(name_or_path, model: IResNet) -> dict:
     import torch
 
     from vec2face_model.pipeline_vec2face import OFFICIAL_FILES, OFFICIAL_REPO_ID, PRESETS
+    from vec2face_model.recognizers import recognizer_hash
 
     if isinstance(name_or_path, torch.nn.Module):
         source = f"<{type(name_or_path).__name__} object>"
@@ -147,20 +84,9 @@ def _describe_recognizer(name_or_path, model: IResNet) -> dict:
 # --- features ---------------------------------------------------------------------------------
 
 
-def _to_pil(image):
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        return image
-    if isinstance(image, dict):  # an undecoded datasets.Image value
-        if image.get("bytes") is not None:
-            return Image.open(io.BytesIO(image["bytes"]))
-        if image.get("path"):
-            return Image.open(image["path"])
-    raise TypeError(f"the image column must hold PIL images or {{'bytes', 'path'}} dicts, got {type(image).__name__}")
-
-
 def _cache_path(dataset, recognizer: torch.nn.Module, cache_dir) -> Path:
+    from vec2face_model.recognizers import recognizer_hash
+
     fingerprint = getattr(dataset, "_fingerprint", None)
     if not fingerprint:
         raise TypeError("feature caching needs a datasets.Dataset (with a fingerprint); pass a map-style Dataset, not an IterableDataset")
@@ -183,10 +109,11 @@ def extract_features(dataset, recognizer: IResNet, batch_size: int = 64, cache_d
     pair loads it without running the recognizer. The recognizer runs on its own device and dtype,
     in eval mode (its previous mode is restored).
     """
-    import torch
     from tqdm.auto import tqdm
 
-    from vec2face_model.conventions import from_pil
+    from vec2face_model.files import atomic_write
+    from vec2face_model.image_io import decode_to_tensor
+    from vec2face_model.recognizers import embed_images
 
     _check_columns(dataset)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -202,7 +129,6 @@ def extract_features(dataset, recognizer: IResNet, batch_size: int = 64, cache_d
             return features, labels
         # a cache file for this key with another row count is stale (interrupted writer); recompute
 
-    parameter = next(recognizer.parameters())
     features = np.empty((len(dataset), recognizer.config.num_features), dtype=np.float32)
     labels = np.empty(len(dataset), dtype=np.int64)
     was_training = recognizer.training
@@ -210,22 +136,19 @@ def extract_features(dataset, recognizer: IResNet, batch_size: int = 64, cache_d
     bar = tqdm(total=len(dataset), disable=not progress, desc="hsface analyze: features", unit="img", dynamic_ncols=True)
     try:
         start = 0
-        with torch.inference_mode():
-            for batch in dataset.select_columns(["image", "label"]).with_format(None).iter(batch_size=batch_size):
-                images = from_pil([_to_pil(image) for image in batch["image"]])
-                end = start + len(images)
-                features[start:end] = recognizer(images.to(parameter.device, parameter.dtype)).float().cpu().numpy()
-                labels[start:end] = batch["label"]
-                start = end
-                bar.update(len(images))
+        for batch in dataset.select_columns(["image", "label"]).with_format(None).iter(batch_size=batch_size):
+            images = decode_to_tensor(batch["image"], what="a dataset image")
+            end = start + len(images)
+            features[start:end] = embed_images(recognizer, images)
+            labels[start:end] = batch["label"]
+            start = end
+            bar.update(len(images))
     finally:
         bar.close()
         recognizer.train(was_training)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, features=features, labels=labels)
-    os.replace(tmp, path)  # readers never see a half-written cache file
+    with atomic_write(path) as f:  # readers never see a half-written cache file
+        np.savez(f, features=features, labels=labels)
     return features, labels
 
 
@@ -245,76 +168,6 @@ def _load_reference(path) -> np.ndarray:
             return tensors["features"]
         raise ValueError(f"{path} holds several tensors ({', '.join(tensors)}); store the reference under the name 'features'")
     raise ValueError(f"reference features {path}: unsupported file type; use .npy or .safetensors")
-
-
-# --- dataset card -----------------------------------------------------------------------------
-
-
-def _markers(config: str) -> tuple[str, str]:
-    return f"<!-- hsface-analyze:{config}:start -->", f"<!-- hsface-analyze:{config}:end -->"
-
-
-def analysis_sections(card: str) -> dict[str, str]:
-    """{config: section body} of every analysis section in ``card`` (markers excluded).
-
-    For card writers that regenerate ``README.md``: carry these over with :func:`replace_card_section`.
-    """
-    sections = {}
-    for match in re.finditer(r"<!-- hsface-analyze:(.+?):start -->\n(.*?)<!-- hsface-analyze:\1:end -->", card, re.DOTALL):
-        sections[match.group(1)] = match.group(2)
-    return sections
-
-
-def replace_card_section(card: str, config: str, body: str) -> str:
-    """``card`` with the analysis section of ``config`` set to ``body`` (between its markers).
-
-    An existing section is replaced in place; otherwise the section goes before ``## Citation``,
-    or at the end. Running it twice gives the same card as running it once.
-    """
-    start, end = _markers(config)
-    section = f"{start}\n{body.strip()}\n{end}\n"
-    if card.count(start) != card.count(end) or card.count(start) > 1:
-        raise ValueError(
-            f"the card has {card.count(start)} start and {card.count(end)} end markers for {config!r}; "
-            f"remove the broken '{start}' ... '{end}' block by hand and run again"
-        )
-    if start in card:
-        head, rest = card.split(start, 1)
-        tail = rest.split(end, 1)[1]
-        return head + section.rstrip("\n") + tail
-    citation = card.find("\n## Citation")
-    if citation >= 0:
-        return card[: citation + 1] + section + "\n" + card[citation + 1 :]
-    return card.rstrip("\n") + "\n\n" + section
-
-
-def _card_section(report: dict, config: str, summary_md: str, files: list[str]) -> str:
-    from .card import public_model_name  # the card is published: a local recognizer path shows by name only
-
-    prefix = f"{config}/{ANALYSIS_DIR}"
-    recognizer = report["recognizer"]
-    lines = [f"## Analysis (`{config}`)", ""]
-    if recognizer["random_weights"]:
-        lines += [f"> **Random-weight recognizer (`{recognizer['source']}`): these numbers say nothing about face identity.** "
-                  "For smoke runs only.", ""]
-    lines += [
-        f"Features of {report['num_images']:,} images from recognizer `{public_model_name(recognizer['source'])}` "
-        f"(weights sha256 `{recognizer['sha256'][:16]}…`), computed by `hsface analyze`. "
-        f"Full report: [{prefix}/report.json]({prefix}/report.json).",
-    ]
-    if recognizer.get("same_as_generation"):
-        lines[-1] += " This is the recognizer that guided the generation, so the numbers are optimistic."
-    # the library's summary, one heading level down and with links relative to the card
-    for line in summary_md.splitlines()[1:]:
-        if line.startswith("#"):
-            line = "#" + line
-        elif line.startswith("!["):
-            name = line[line.index("(") + 1 : line.rindex(")")]
-            line = f"![{name}]({prefix}/{name})"
-        lines.append(line)
-    if "sample_grid.png" in files:
-        lines += ["", f"![samples of the first identities]({prefix}/sample_grid.png)"]
-    return "\n".join(lines).strip() + "\n"
 
 
 def _built_config(path: Path, config: str | None) -> str | None:
@@ -357,6 +210,7 @@ def _load_train_split(path_or_repo, config: str | None):
 
 def _first_identities_grid(dataset, labels: np.ndarray, path: Path, num_identities: int, num_images: int) -> Path:
     from vec2face_model.analysis import save_sample_grid
+    from vec2face_model.image_io import decode_image
 
     chosen: dict[int, list[int]] = {}
     for index, label in enumerate(labels.tolist()):
@@ -369,7 +223,7 @@ def _first_identities_grid(dataset, labels: np.ndarray, path: Path, num_identiti
             break
     indices = [i for rows in chosen.values() for i in rows]
     images = dataset.select_columns(["image"]).select(indices)["image"]
-    pixels = np.stack([np.asarray(_to_pil(image).convert("RGB")) for image in images])
+    pixels = np.stack([decode_image(image, size=None) for image in images])
     return save_sample_grid(pixels, labels[indices], path, ncols=max(len(rows) for rows in chosen.values()))
 
 
@@ -399,7 +253,9 @@ def analyze_dataset(
     """
     import torch
 
+    from vec2face_model import recognizers
     from vec2face_model.analysis import analyze_features, write_report
+    from vec2face_model.files import write_text_atomic
 
     local = Path(path_or_repo).expanduser()
     built = _built_config(local, config) if local.is_dir() else None
@@ -410,7 +266,7 @@ def analyze_dataset(
 
     # Load the recognizer first: its errors are quicker to hit than a dataset load.
     try:
-        model = recognizer if isinstance(recognizer, torch.nn.Module) else load_recognizer(recognizer)
+        model = recognizer if isinstance(recognizer, torch.nn.Module) else recognizers.load_recognizer(recognizer)
     except FileNotFoundError as err:
         hint = _preset_hint(local, built) if recognizer is None else None
         raise FileNotFoundError(f"{err}{hint or ''}") from err
@@ -431,11 +287,9 @@ def analyze_dataset(
     if built and write_card_section:
         _publish_to_folder(out_dir, files, local / built / ANALYSIS_DIR)
         card_path = local / "README.md"
-        section = _card_section(report, built, (out_dir / "summary.md").read_text(), [f.name for f in files])
+        section = card_section(report, built, (out_dir / "summary.md").read_text(), [f.name for f in files], ANALYSIS_DIR)
         card = replace_card_section(card_path.read_text(), built, section)
-        tmp = card_path.with_name(f".README.md.{os.getpid()}.tmp")
-        tmp.write_text(card)
-        os.replace(tmp, card_path)
+        write_text_atomic(card_path, card)
     return report
 
 

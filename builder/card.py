@@ -10,7 +10,6 @@ published as is by ``hsface push``.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from pathlib import Path
@@ -19,9 +18,11 @@ import numpy as np
 import pyarrow.parquet as pq
 from datasets import ClassLabel
 from huggingface_hub import DatasetCard, DatasetCardData
-from PIL import Image
+
+from vec2face_model.image_io import decode_image
 
 from .config import steers_beyond_yaw
+from .files import write_text_atomic
 from .hsface_builder import CITATION, hsface_features
 
 GRID_IDENTITIES = 8
@@ -64,7 +65,7 @@ def write_sample_grid(config_dir: Path, manifest: dict) -> Path:
     table = pq.read_table(config_dir / manifest["shards"][0]["file"], columns=["image", "label", "image_index"]).to_pylist()
     labels = sorted({row["label"] for row in table})[:GRID_IDENTITIES]
     chosen = [row for row in table if row["label"] in labels and row["image_index"] < GRID_IMAGES]
-    images = np.stack([np.asarray(Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB")) for row in chosen])
+    images = np.stack([decode_image(row["image"], size=None) for row in chosen])
     path = config_dir / "sample_grid.png"
     save_sample_grid(images, np.array([row["label"] for row in chosen]), path, ncols=min(GRID_IMAGES, max(r["image_index"] for r in chosen) + 1))
     return path
@@ -225,11 +226,9 @@ def write_card(out_dir: str | Path) -> Path:
     path = out_dir / "README.md"
     card = render_card(out_dir, configs)
     if path.exists():  # keep the sections `hsface analyze` wrote
-        from .analyze import analysis_sections, replace_card_section
+        from .analysis_card import analysis_sections, replace_card_section
 
         for config, body in analysis_sections(path.read_text()).items():
             card = replace_card_section(card, config, body)
-    tmp = path.with_name(f".README.md.{os.getpid()}.tmp")
-    tmp.write_text(card)
-    os.replace(tmp, path)
+    write_text_atomic(path, card)
     return path

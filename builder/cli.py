@@ -18,7 +18,7 @@ import sys
 import traceback
 from pathlib import Path
 
-# The names of builder.config.PRESETS, spelled out so that parsing does not import the models
+# The names of builder.config.HSFACE_CONFIGS, spelled out so that parsing does not import the models
 # (a test checks that they match).
 PRESET_NAMES = ("10k", "20k", "100k", "200k", "300k", "tiny")
 PRECISION_NAMES = ("fp32", "bf16", "fp16")

@@ -119,12 +119,13 @@ class HSFaceConfig(datasets.BuilderConfig):
 
 _PAPER_SIZES = {"10k": 10_000, "20k": 20_000, "100k": 100_000, "200k": 200_000, "300k": 300_000}
 
-PRESETS: dict[str, HSFaceConfig] = {
+# The HSFace dataset configs by name (`hsface build --config NAME`, `load_dataset(folder, NAME)`).
+HSFACE_CONFIGS: dict[str, HSFaceConfig] = {
     name: HSFaceConfig(name=name, num_identities=n, description=f"HSFace{name.upper()}: {n:,} identities x 50 images (paper recipe)")
     for name, n in _PAPER_SIZES.items()
 }
 # Smoke-run config: a few identities x a few images, one AttrOP image each, short AttrOP budgets.
-PRESETS["tiny"] = HSFaceConfig(
+HSFACE_CONFIGS["tiny"] = HSFaceConfig(
     name="tiny", num_identities=4, images_per_identity=5, attrop_groups=((1, 60.0),), attrop_max_steps=2,
     refine_max_steps=2, identities_per_shard=2, batch_size=8,
     description="Smoke-test config: 4 identities x 5 images (1 AttrOP pose image each), 2 shards",
@@ -132,7 +133,17 @@ PRESETS["tiny"] = HSFaceConfig(
 
 
 def get_config(name: str, **overrides) -> HSFaceConfig:
-    if name not in PRESETS:
-        raise InvalidInputError(f"unknown HSFace config {name!r}; available: {', '.join(PRESETS)}")
+    if name not in HSFACE_CONFIGS:
+        raise InvalidInputError(f"unknown HSFace config {name!r}; available: {', '.join(HSFACE_CONFIGS)}")
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
+    return HSFACE_CONFIGS[name].replace(**overrides) if overrides else HSFACE_CONFIGS[name]
+
+
+def __getattr__(name: str):
+    # "preset" meant three other things too (pipeline weights, recipe training settings); the old name stays for a while
+    if name == "PRESETS":
+        import warnings
+
+        warnings.warn("builder.config.PRESETS is deprecated; use builder.config.HSFACE_CONFIGS", DeprecationWarning, stacklevel=2)
+        return HSFACE_CONFIGS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -66,7 +66,8 @@ def _check_range(name: str, value, low: float, high: float) -> float:
 def _heatmap(similarity: np.ndarray, title: str):
     """A labelled pairwise-cosine heatmap as a PIL image (matplotlib's object API: no global state)."""
     from matplotlib.figure import Figure
-    from PIL import Image
+
+    from vec2face_model.image_io import open_image
 
     size = 3.0 + 0.2 * len(similarity)
     figure = Figure(figsize=(min(size + 1.2, 9), min(size, 8)), dpi=80)
@@ -79,7 +80,7 @@ def _heatmap(similarity: np.ndarray, title: str):
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
-    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+    return open_image(buffer.getvalue()).convert("RGB")
 
 
 class DemoSession:
@@ -182,7 +183,7 @@ def export_view(on_screen: dict, out_dir, model_name: str = "") -> Path:
 
     from vec2face_model.errors import InvalidInputError
 
-    from .hsface_builder import encode_image
+    from vec2face_model.image_io import encode_image
 
     records = []
     for view in VIEWS:

@@ -1,21 +1,24 @@
-"""Files of an output folder: atomic writes, hashes, and the rule that hsface writes only into
-folders that are its own.
+"""The output folder of a build, and the rule that hsface writes only into folders that are its own.
 
-Every file ``hsface build`` writes appears complete or not at all (written beside its final name,
-fsynced, then ``os.replace``d), with ordinary permissions (0666 minus the umask, like any file a
-program creates; ``tempfile`` would give 0600). An output folder is hsface's own when it holds the
+Every file ``hsface build`` writes appears complete or not at all (the atomic writes of
+:mod:`vec2face_model.files`, re-exported here). An output folder is hsface's own when it holds the
 marker file ``.hsface-output`` or is empty; anything else is refused before any work starts, so a
 user's ``README.md`` is never replaced by a dataset card.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 
 from vec2face_model.errors import HSFaceError
+from vec2face_model.files import atomic_write, sha256_file, write_bytes_atomic, write_json_atomic, write_text_atomic
+
+__all__ = [
+    "MARKER", "OutputFolder", "OutputFolderError",
+    # the atomic writes live in vec2face_model.files (recipes use them too); re-exported for builder code
+    "atomic_write", "sha256_file", "write_bytes_atomic", "write_json_atomic", "write_text_atomic",
+]
 
 MARKER = ".hsface-output"
 MARKER_TEXT = (
@@ -26,30 +29,6 @@ MARKER_TEXT = (
 
 class OutputFolderError(HSFaceError, OSError):
     """The output folder cannot be used: not writable, or it holds files hsface did not write."""
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """``path`` holds ``data`` completely, or keeps what it held before (also across a kill -9)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: str | os.PathLike, value) -> None:
-    write_bytes_atomic(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -11,7 +11,6 @@ Two ways to run it:
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Iterator
 from functools import partial
 
@@ -19,11 +18,11 @@ import datasets
 import numpy as np
 import torch
 from datasets.builder import Key
-from PIL import Image
 
+from vec2face_model.image_io import encode_image  # noqa: F401  (also re-exported: bench/bench_encode.py)
 from vec2face_model.pipeline_vec2face import Vec2FacePipeline, Vec2FacePipelineOutput
 
-from .config import PRESETS, HSFaceConfig
+from .config import HSFACE_CONFIGS, HSFaceConfig
 
 # Present only in configs whose AttrOP schedule steers pitch or roll, so the paper configs' shards
 # keep their bytes (their pose images are steered in yaw alone).
@@ -109,15 +108,6 @@ def sample_config_identities(pipe: Vec2FacePipeline, config: HSFaceConfig, progr
     return pipe.sample_identities(config.num_identities, tau=config.tau, seed=config.seed, progress=progress).vectors
 
 
-def encode_image(image: np.ndarray, image_format: str) -> bytes:
-    buffer = io.BytesIO()
-    if image_format == "jpeg":
-        Image.fromarray(image).save(buffer, format="JPEG", quality=95)
-    else:
-        Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _optional(value: float) -> float | None:
     return None if np.isnan(value) else float(value)
 
@@ -187,7 +177,7 @@ class HSFace(datasets.GeneratorBasedBuilder):
     """HSFace: synthetic face-recognition training data generated with Vec2Face."""
 
     BUILDER_CONFIG_CLASS = HSFaceConfig
-    BUILDER_CONFIGS = list(PRESETS.values())
+    BUILDER_CONFIGS = list(HSFACE_CONFIGS.values())
     DEFAULT_CONFIG_NAME = "tiny"
 
     def _info(self) -> datasets.DatasetInfo:

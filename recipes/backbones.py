@@ -15,6 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from vec2face_model.errors import InvalidInputError
+from vec2face_model.files import write_text_atomic
 
 __all__ = ["BACKBONES", "BACKBONE_CONFIG_NAME", "TIMM_VITS", "build_backbone", "export_backbone", "load_backbone",
            "write_backbone_config"]
@@ -41,7 +42,7 @@ def build_backbone(name: str, embedding_size: int, kwargs: dict | None = None) -
 
 def write_backbone_config(directory: str | Path, name: str, embedding_size: int, kwargs: dict | None = None) -> None:
     description = {"backbone": name, "embedding_size": embedding_size, "backbone_kwargs": dict(kwargs or {})}
-    (Path(directory) / BACKBONE_CONFIG_NAME).write_text(json.dumps(description, indent=2) + "\n")
+    write_text_atomic(Path(directory) / BACKBONE_CONFIG_NAME, json.dumps(description, indent=2) + "\n")
 
 
 def export_backbone(backbone: nn.Module, directory: str | Path, name: str, embedding_size: int, kwargs: dict | None = None) -> Path:
@@ -60,17 +61,14 @@ def load_backbone(path: str | Path) -> nn.Module:
 
     * a folder with ``backbone_config.json`` (an export, or a ``train_fr`` checkpoint): rebuilt with
       :func:`build_backbone` and loaded strictly from ``model.safetensors``;
-    * a file: official IResNet weights (``IResNet.from_official``: ``.pth`` or safetensors);
-    * anything else: ``IResNet.from_pretrained`` (a ``save_pretrained`` folder or a Hub id).
+    * anything else an IResNet recognizer comes as (official weights file, ``save_pretrained``
+      folder, pipeline folder, Hub repo id): :func:`vec2face_model.recognizers.load_recognizer`.
     """
-    from vec2face_model.models.iresnet import IResNet
+    from vec2face_model.recognizers import load_recognizer
 
-    path = Path(path)
-    if (path / BACKBONE_CONFIG_NAME).is_file():
-        return _load_exported(path).eval()
-    if path.is_file():
-        return IResNet.from_official(path).eval()
-    return IResNet.from_pretrained(str(path)).eval()
+    if (Path(path) / BACKBONE_CONFIG_NAME).is_file():
+        return _load_exported(Path(path)).eval()
+    return load_recognizer(path)
 
 
 def _load_exported(directory: Path) -> nn.Module:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence, TypeVar
 
 from vec2face_model.errors import InvalidInputError
+from vec2face_model.files import write_json_atomic
 
 __all__ = ["check_field_types", "config_parser", "config_to_dict", "load_config_file", "parse_config", "parse_or_exit",
            "save_config"]
@@ -246,9 +247,4 @@ def config_to_dict(config) -> dict[str, Any]:
 
 def save_config(config, path: str | Path) -> None:
     """Write ``config`` as JSON (which :func:`load_config_file` reads back), replacing the file atomically."""
-    import os
-
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(config_to_dict(config), indent=2, sort_keys=True) + "\n")
-    os.replace(partial, path)
+    write_json_atomic(path, config_to_dict(config))

@@ -51,6 +51,7 @@ from recipes.backbones import load_backbone
 from recipes.verification_sets import PAPER_SETS, EncodedImages, VerificationSet, load_sets
 from vec2face_model.conventions import hflip, uint8_to_tensor
 from vec2face_model.feature_math import cosine, l2_normalize
+from vec2face_model.files import write_text_atomic
 from vec2face_model.verification import verification_metrics
 
 logger = logging.getLogger(__name__)
@@ -204,8 +205,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     summary = results_to_json(results, label=label)
     print(format_markdown(results, label=label))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(args.out, json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import itertools
 from typing import Iterable, Iterator
 
@@ -25,8 +24,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vec2face_model.conventions import IMAGE_SIZE, uint8_to_tensor
-from vec2face_model.seeding import derive_seed
+from vec2face_model.conventions import uint8_to_tensor
+from vec2face_model.image_io import decode_image
+from vec2face_model.seeding import STREAM_FR_AUGMENT, STREAM_FR_LOADER, STREAM_FR_ORDER, derive_seed
 
 __all__ = [
     "FaceAugment",
@@ -38,9 +38,6 @@ __all__ = [
     "load_face_dataset",
 ]
 
-STREAM_ORDER = 201
-STREAM_AUGMENT = 202
-STREAM_LOADER = 203
 SHUFFLE_BUFFER = 10_000
 
 
@@ -83,15 +80,7 @@ def count_classes(table, max_identities: int | None = None) -> int:
 
 def decode_face(cell: dict) -> torch.Tensor:
     """An encoded ``Image`` cell (``{"bytes", "path"}``) -> uint8 ``[3,112,112]`` RGB."""
-    from PIL import Image  # torchvision.io's decoders are deprecated (torchvision 0.29)
-
-    data = cell.get("bytes")
-    source = io.BytesIO(data) if data is not None else cell["path"]
-    with Image.open(source) as image:
-        pixels = np.array(image.convert("RGB"))  # a writable copy
-    if pixels.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE):
-        raise ValueError(f"expected aligned {IMAGE_SIZE}x{IMAGE_SIZE} face crops, got {pixels.shape[1]}x{pixels.shape[0]} "
-                         f"({cell.get('path') or 'embedded image'}); align and crop the faces first")
+    pixels = decode_image(cell, what=f"face crop {cell.get('path') or '(embedded image)'}")
     return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
@@ -142,7 +131,7 @@ def _borrowed_cpu_rng(seed: int):
 
 def epoch_indices(num_examples: int, epoch: int, seed: int) -> torch.Tensor:
     """The read order of one epoch: a permutation of the table keyed by ``(seed, epoch)``."""
-    generator = torch.Generator().manual_seed(derive_seed(seed, STREAM_ORDER, epoch))
+    generator = torch.Generator().manual_seed(derive_seed(seed, STREAM_FR_ORDER, epoch))
     return torch.randperm(num_examples, generator=generator)
 
 
@@ -157,7 +146,7 @@ class FaceTable(torch.utils.data.Dataset):
 
     def __getitems__(self, keys: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self.table[[row for _, row in keys]]  # one Arrow take per batch
-        images = [self.augment(decode_face(cell), derive_seed(self.seed, STREAM_AUGMENT, epoch, row))
+        images = [self.augment(decode_face(cell), derive_seed(self.seed, STREAM_FR_AUGMENT, epoch, row))
                   for cell, (epoch, row) in zip(rows["image"], keys)]
         return torch.stack(images), torch.as_tensor(rows["label"], dtype=torch.int64)
 
@@ -194,7 +183,7 @@ class FaceStream(IterableDataset):
         worker = get_worker_info()
         worker_id = worker.id if worker is not None else 0
         for position, example in enumerate(self.stream):  # datasets splits the shards among workers
-            seed = derive_seed(self.seed, STREAM_AUGMENT, self.epoch, self.rank, worker_id, position)
+            seed = derive_seed(self.seed, STREAM_FR_AUGMENT, self.epoch, self.rank, worker_id, position)
             yield self.augment(decode_face(example["image"]), seed), int(example["label"])
 
 
@@ -232,12 +221,12 @@ class TrainData:
     def batches(self, epoch: int, start_step: int = 0) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         """``(images [B,3,112,112] float32, labels [B] int64)`` of steps ``start_step, ...`` of ``epoch``."""
         # The loader's own generator: creating its iterator must not draw from the global RNG.
-        loader_generator = torch.Generator().manual_seed(derive_seed(self.seed, STREAM_LOADER, epoch, self.rank))
+        loader_generator = torch.Generator().manual_seed(derive_seed(self.seed, STREAM_FR_LOADER, epoch, self.rank))
         common = dict(num_workers=self.num_workers, pin_memory=self.pin_memory, generator=loader_generator)
         if self.streaming:
             from datasets.distributed import split_dataset_by_node
 
-            stream = self.table.shuffle(seed=derive_seed(self.seed, STREAM_ORDER) % 2**32, buffer_size=SHUFFLE_BUFFER)
+            stream = self.table.shuffle(seed=derive_seed(self.seed, STREAM_FR_ORDER) % 2**32, buffer_size=SHUFFLE_BUFFER)
             stream.set_epoch(epoch)
             stream = split_dataset_by_node(stream, rank=self.rank, world_size=self.world_size)
             loader = DataLoader(FaceStream(stream, self.augment, self.seed, epoch, self.rank),

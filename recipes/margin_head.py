@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from vec2face_model.seeding import derive_seed
+from vec2face_model.seeding import STREAM_HEAD_CENTRES, STREAM_HEAD_NEGATIVES, derive_seed
 
 __all__ = [
     "HeadOutput",
@@ -48,8 +48,6 @@ __all__ = [
 NOT_HERE = -1  # label of a row whose class lives on another shard
 CENTRE_INIT_STD = 0.01  # Partial FC's initialisation
 CENTRE_INIT_CHUNK = 4096  # classes per keyed random chunk: the init does not depend on the world size
-STREAM_CENTRES = 101
-STREAM_NEGATIVES = 102
 COSINE_EPS = 1e-7  # keeps acos' gradient finite at cos = +-1
 
 
@@ -73,7 +71,7 @@ def init_class_centres(num_classes: int, dim: int, start: int, end: int, seed: i
     for chunk in range(start // CENTRE_INIT_CHUNK, (end - 1) // CENTRE_INIT_CHUNK + 1):
         chunk_start = chunk * CENTRE_INIT_CHUNK
         count = min(CENTRE_INIT_CHUNK, num_classes - chunk_start)
-        generator = torch.Generator().manual_seed(derive_seed(seed, STREAM_CENTRES, chunk))
+        generator = torch.Generator().manual_seed(derive_seed(seed, STREAM_HEAD_CENTRES, chunk))
         block = torch.randn(count, dim, generator=generator) * CENTRE_INIT_STD
         rows.append(block[max(start - chunk_start, 0) : end - chunk_start])
     return torch.cat(rows)
@@ -232,7 +230,7 @@ class ShardedMarginHead(nn.Module):
         positives = torch.unique(local_labels[local_labels != NOT_HERE])
         if len(positives) >= num_sample:
             return positives
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, STREAM_NEGATIVES, step, self.rank))
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, STREAM_HEAD_NEGATIVES, step, self.rank))
         priority = torch.rand(self.num_local, generator=generator).to(local_labels.device)
         priority[positives] = 2.0  # above any random draw: positives are always kept
         return priority.topk(num_sample).indices.sort().values

@@ -49,12 +49,10 @@ from recipes.fr_config import PRESETS, TrainConfig, check_resume_config, parse_c
 from recipes.fr_data import FaceAugment, TrainData, count_classes, load_face_dataset
 from recipes.margin_head import ShardedMarginHead
 from vec2face_model.errors import InvalidInputError
-from vec2face_model.seeding import derive_seed
+from vec2face_model.seeding import STREAM_FR_DROPOUT, STREAM_FR_INIT, derive_seed
 
 __all__ = ["PRESETS", "TrainConfig", "learning_rate", "main", "parameter_groups", "parse_config", "train"]
 
-STREAM_INIT = 301
-STREAM_DROPOUT = 302
 
 
 # -- optimisation ----------------------------------------------------------------------------------
@@ -171,12 +169,12 @@ def _setup(config: TrainConfig) -> _Run:
     data = TrainData(table, augment, batch_size=config.batch_size, rank=rank, world_size=world_size, seed=config.seed,
                      num_workers=config.num_workers, pin_memory=cuda)
     # 2. models: the same initial backbone everywhere, this rank's head shard, per-rank dropout
-    torch.manual_seed(derive_seed(config.seed, STREAM_INIT))
+    torch.manual_seed(derive_seed(config.seed, STREAM_FR_INIT))
     backbone = build_backbone(config.backbone, config.embedding_size, config.backbone_kwargs)
     head = ShardedMarginHead(config.embedding_size, num_classes, scale=config.margin_scale, margin=config.margin,
                              rank=rank, world_size=world_size, sample_rate=config.sample_rate, seed=config.seed)
     head.to(accelerator.device)  # never prepared: DDP would broadcast rank 0's shard and average the shards' grads
-    torch.manual_seed(derive_seed(config.seed, STREAM_DROPOUT, rank))
+    torch.manual_seed(derive_seed(config.seed, STREAM_FR_DROPOUT, rank))
     # 3. resume: checked before anything is prepared, restored after (accelerate's load_state wants prepared objects)
     resume_from = find_latest_checkpoint(output_dir) if config.resume == "latest" else (config.resume or None)
     if resume_from is not None:

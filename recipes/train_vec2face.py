@@ -94,7 +94,8 @@ from recipes.vec2face_data import (
 from recipes.vec2face_losses import PerceptualLoss, Vec2FaceObjective, build_lpips
 from recipes.vec2face_step import TrainingParts, train_step
 from vec2face_model.errors import InvalidInputError
-from vec2face_model.seeding import derive_seed
+from vec2face_model.files import write_json_atomic
+from vec2face_model.seeding import STREAM_VEC2FACE_INIT, derive_seed
 
 __all__ = [
     # defined here
@@ -107,7 +108,6 @@ __all__ = [
 
 # Seed streams of this recipe, kept apart from vec2face_model.seeding's dataset-generation streams:
 # 401 initial weights (here), 402 data order (vec2face_data.py), 403 masks and 404 dropout (vec2face_step.py).
-STREAM_INIT = 401
 
 
 # -- schedule and data order -------------------------------------------------------------------------
@@ -195,12 +195,6 @@ def find_checkpoint(output_dir: Path, resume: str | None) -> Path | None:
     return path
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
 def _save_checkpoint(accelerator, config: TrainConfig, state: TrainerState, output_dir: Path, extra: dict) -> Path:
     folder = output_dir / "checkpoints" / f"step-{state.global_step:08d}"
     accelerator.save_state(str(folder))
@@ -208,7 +202,7 @@ def _save_checkpoint(accelerator, config: TrainConfig, state: TrainerState, outp
     if accelerator.is_main_process:
         save_config(config, folder / "config.json")
         # written last: marks the checkpoint complete
-        _write_json(folder / "trainer_state.json", {"global_step": state.global_step, **extra})
+        write_json_atomic(folder / "trainer_state.json", {"global_step": state.global_step, **extra})
         finished = [p for p in sorted((output_dir / "checkpoints").glob("step-*")) if (p / "trainer_state.json").exists()]
         for old in finished[: -config.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
@@ -289,7 +283,7 @@ def train(config: TrainConfig) -> TrainResult:
 
     # 2. models (identical initial weights on every rank)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(config.seed, STREAM_INIT))
+        torch.manual_seed(derive_seed(config.seed, STREAM_VEC2FACE_INIT))
         generator = build_generator(config).train()
         discriminator = build_discriminator(config).train()
     _freeze_unused_generator_parts(generator)

@@ -22,11 +22,10 @@ from torch import nn
 
 from vec2face_model.convert import weights_sha256
 from vec2face_model.errors import InvalidInputError
-from vec2face_model.seeding import derive_seed
+from vec2face_model.seeding import STREAM_VEC2FACE_DATA_ORDER, derive_seed
 
 __all__ = ["FaceTrainingData", "add_identity_features", "epoch_batches", "load_recognizer", "load_training_dataset"]
 
-STREAM_DATA_ORDER = 402  # the recipe's other seed streams are in train_vec2face.py (401, 403, 404)
 FEATURE_CACHE_VERSION = 1  # bump when the feature computation changes, to invalidate caches
 
 
@@ -34,7 +33,7 @@ def epoch_batches(num_samples: int, batch_size: int, num_processes: int, rank: i
     """This rank's batches of one epoch: a permutation keyed by (seed, epoch), cut into global batches
     of ``batch_size·num_processes`` (last partial one dropped), each split across ranks."""
     global_batch = batch_size * num_processes
-    generator = torch.Generator().manual_seed(derive_seed(seed, STREAM_DATA_ORDER, epoch))
+    generator = torch.Generator().manual_seed(derive_seed(seed, STREAM_VEC2FACE_DATA_ORDER, epoch))
     order = torch.randperm(num_samples, generator=generator)
     start = rank * batch_size
     return [order[s * global_batch + start : s * global_batch + start + batch_size].tolist() for s in range(num_samples // global_batch)]
@@ -42,21 +41,12 @@ def epoch_batches(num_samples: int, batch_size: int, num_processes: int, rank: i
 
 
 def load_recognizer(path: str | os.PathLike):
-    """Frozen eval-mode IResNet from an official weight file or a ``save_pretrained`` folder
-    (a pipeline folder works too: its ``recognizer`` component is used)."""
-    from vec2face_model.models.iresnet import IResNet
+    """The frozen (eval mode, no gradients) recognizer: any source :func:`vec2face_model.recognizers.load_recognizer`
+    takes (official weight file, ``save_pretrained`` folder, pipeline folder, Hub repo, preset)."""
+    from vec2face_model.recognizers import load_recognizer as load
 
-    path = Path(path).expanduser()
-    if path.is_dir():
-        if (path / "model_index.json").exists():
-            model = IResNet.from_pretrained(path, subfolder="recognizer")
-        else:
-            model = IResNet.from_pretrained(path)
-    elif path.is_file():
-        model = IResNet.from_official(path)
-    else:
-        raise FileNotFoundError(f"recognizer={str(path)!r}: no such file or folder (official .pth/.safetensors or IResNet folder)")
-    return model.eval().requires_grad_(False)
+    return load(path).requires_grad_(False)
+
 
 def load_training_dataset(config):
     """The image dataset (a ``datasets.Dataset``) with the image column checked."""
@@ -96,14 +86,12 @@ def add_identity_features(ds, recognizer: nn.Module, image_column: str, feature_
     from datasets.fingerprint import Hasher
 
     from vec2face_model.conventions import from_pil
+    from vec2face_model.recognizers import embed_images
 
     fingerprint = Hasher.hash([ds._fingerprint, _module_digest(recognizer), image_column, feature_column, FEATURE_CACHE_VERSION])
 
     def embed(batch):
-        images = from_pil(batch[image_column]).to(device)
-        with torch.inference_mode():
-            features = recognizer(images).float().cpu().numpy()
-        return {feature_column: features}
+        return {feature_column: embed_images(recognizer, from_pil(batch[image_column]), device)}
 
     return ds.map(embed, batched=True, batch_size=batch_size, new_fingerprint=fingerprint, desc="identity features")
 

@@ -18,13 +18,11 @@ from torch import nn
 
 from recipes.vec2face_config import TrainConfig
 from recipes.vec2face_losses import Vec2FaceObjective
-from vec2face_model.seeding import derive_seed
+from vec2face_model.seeding import STREAM_VEC2FACE_DROPOUT, STREAM_VEC2FACE_MASK, derive_seed
 
-__all__ = ["STREAM_DROPOUT", "STREAM_MASK", "TrainingParts", "train_step"]
+__all__ = ["TrainingParts", "train_step"]
 
 # Seed streams of the step (the recipe's others: 401 initial weights, 402 data order).
-STREAM_MASK = 403
-STREAM_DROPOUT = 404
 
 
 @dataclass
@@ -65,9 +63,9 @@ def train_step(parts: TrainingParts, batch: dict, step: int, gan_on: bool) -> di
         with torch.no_grad():
             features = parts.recognizer(images).float()
     # Masks and dropout are keyed by (seed, step, rank): a resumed run draws what an uninterrupted one would.
-    mask_generator = torch.Generator().manual_seed(derive_seed(config.seed, STREAM_MASK, step, parts.rank))
+    mask_generator = torch.Generator().manual_seed(derive_seed(config.seed, STREAM_VEC2FACE_MASK, step, parts.rank))
     token_drop_mask, token_all_mask = parts.generator_module.draw_masks(len(images), mask_generator, ratio=config.mask_ratio)
-    torch.manual_seed(derive_seed(config.seed, STREAM_DROPOUT, step, parts.rank))
+    torch.manual_seed(derive_seed(config.seed, STREAM_VEC2FACE_DROPOUT, step, parts.rank))
 
     with parts.autocast():
         output = parts.generator(features, token_drop_mask=token_drop_mask, token_all_mask=token_all_mask)

@@ -7,7 +7,6 @@ Images stay encoded until used and must be aligned 112x112 face crops (:class:`E
 
 from __future__ import annotations
 
-import io
 import logging
 import pickle
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from vec2face_model.conventions import IMAGE_SIZE
+from vec2face_model.image_io import UnreadableImageError, decode_image, open_image
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +40,10 @@ class VerificationFileError(ValueError):
 
 
 def _open_image(source: bytes | Path, what: str):
-    from PIL import Image, UnidentifiedImageError
-
     try:
-        return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-    except (UnidentifiedImageError, OSError) as error:
-        raise VerificationFileError(f"{what}: not a readable image ({error})") from error
+        return open_image(source, what)
+    except UnreadableImageError as error:
+        raise VerificationFileError(str(error)) from error
 
 
 class EncodedImages:
@@ -84,15 +82,11 @@ class EncodedImages:
             )
 
     def _decode(self, index: int) -> np.ndarray:
-        from PIL import Image
-
-        with _open_image(self.sources[index], self._what(index)) as image:
-            image = image.convert("RGB")
-            if image.size != (IMAGE_SIZE, IMAGE_SIZE):
-                if not self.resize:
-                    self._check_size(image.size, index)
-                image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
-            return np.asarray(image, dtype=np.uint8)
+        # sizes were checked at construction (unless resize), so decode_image's own check cannot trip here
+        try:
+            return decode_image(self.sources[index], resize=self.resize, what=self._what(index))
+        except UnreadableImageError as error:
+            raise VerificationFileError(str(error)) from error
 
     def __len__(self) -> int:
         return len(self.sources)

@@ -56,11 +56,21 @@ def test_unknown_config_and_bad_numbers_are_argument_errors(capsys):
 
 
 def test_static_names_match_the_library():
-    from builder.config import PRESETS
+    from builder.config import HSFACE_CONFIGS
     from vec2face_model.pipeline_vec2face import PRECISIONS
 
-    assert cli.PRESET_NAMES == tuple(PRESETS)
+    assert cli.PRESET_NAMES == tuple(HSFACE_CONFIGS)
     assert set(cli.PRECISION_NAMES) == set(PRECISIONS)
+
+
+def test_presets_is_a_deprecated_alias_of_hsface_configs():
+    import builder
+    from builder import config
+
+    with pytest.warns(DeprecationWarning, match="HSFACE_CONFIGS"):
+        assert config.PRESETS is config.HSFACE_CONFIGS
+    with pytest.warns(DeprecationWarning):
+        assert builder.PRESETS is config.HSFACE_CONFIGS
 
 
 def _actions(parser: argparse.ArgumentParser, path: str = "hsface"):

@@ -20,13 +20,25 @@ def test_default_config_matches_official_manifest():
     assert_state_dict_matches_manifest(model, "manifests/patch_discriminator_dims_64_128_256_512.json")
 
 
-def test_default_output_is_11x11_patch_logits():
+def test_default_output_is_11x11_patch_logits_per_image():
     torch.manual_seed(0)
     model = PatchDiscriminator().eval()
+    a, b = torch.rand(2, 1, 3, 112, 112) * 2 - 1
     with torch.no_grad():
-        logits = model(torch.rand(1, 3, 112, 112) * 2 - 1)
-    assert logits.shape == (1, 1, 11, 11)
+        logits = model(torch.cat([a, b]))
+        alone_a, alone_b = model(a), model(b)
+        with_other_b = model(torch.cat([a, b.flip(-1) * 0.5]))
+    assert logits.shape == (2, 1, 11, 11)
     assert torch.isfinite(logits).all()
+    # one logit per patch: the map varies over the image, and differs between images
+    assert logits[0].std() > 1e-4 and not torch.allclose(logits[0], logits[1], atol=1e-4)
+    # GroupNorm normalises per image: an image's logits do not depend on the rest of the batch
+    torch.testing.assert_close(logits[0:1], alone_a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[1:2], alone_b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(with_other_b[0], logits[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(with_other_b[1], logits[1], atol=1e-4)
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        model(torch.rand(1, 1, 112, 112))
 
 
 def test_stem_split():

@@ -244,12 +244,12 @@ def test_size_category_follows_the_row_count(rows, category):
 
 
 def test_paper_configs_up_to_20k_get_a_class_label_larger_ones_the_int_index():
-    from builder.config import PRESETS
+    from builder.config import HSFACE_CONFIGS
     from builder.hsface_builder import features
 
-    kinds = {name: type(features(config)["label"]).__name__ for name, config in PRESETS.items()}
+    kinds = {name: type(features(config)["label"]).__name__ for name, config in HSFACE_CONFIGS.items()}
     assert kinds == {"10k": "ClassLabel", "20k": "ClassLabel", "100k": "Value", "200k": "Value", "300k": "Value", "tiny": "ClassLabel"}
-    assert features(PRESETS["20k"])["label"].num_classes == 20_000
+    assert features(HSFACE_CONFIGS["20k"])["label"].num_classes == 20_000
 
 
 def test_public_model_names_hide_local_paths(tmp_path, monkeypatch):

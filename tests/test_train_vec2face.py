@@ -380,6 +380,28 @@ def test_loss_scaling_with_two_optimizers_unscales_before_clipping():
             torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
 
 
+def test_online_features_equal_precomputed_ones():
+    # features=online: batches carry no "features" and the step embeds the images with the frozen
+    # recognizer; the update must be the one a cached/column feature of the same recognizer gives.
+    config = tv.parse_config(["--config=tiny", "--loss_lpips=0", "--features=online"])
+    images = from_pil(_face_like_images(2, seed=7))
+    online, precomputed = _tiny_parts(config), _tiny_parts(config)
+    with torch.no_grad():
+        features = precomputed.recognizer(images).float()
+    with torch.random.fork_rng(devices=[]):
+        record = tv.train_step(online, {"pixel_values": images}, step=3, gan_on=False)
+    with torch.random.fork_rng(devices=[]):
+        record_precomputed = tv.train_step(precomputed, {"pixel_values": images, "features": features}, step=3, gan_on=False)
+    assert record == pytest.approx(record_precomputed)
+    for (name, p), q in zip(online.generator.named_parameters(), precomputed.generator.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
+    # and a different feature gives a different update: the step really uses the features it is given
+    other = _tiny_parts(config)
+    with torch.random.fork_rng(devices=[]):
+        record_other = tv.train_step(other, {"pixel_values": images, "features": features.flip(0)}, step=3, gan_on=False)
+    assert record_other["loss"] != pytest.approx(record["loss"])
+
+
 def test_gradient_checkpointing_flag_and_unsupported_model_error(monkeypatch):
     assert tv.parse_config(["--gradient-checkpointing"]).gradient_checkpointing is True  # bare flag, either spelling
     assert tv.parse_config(["--gradient_checkpointing=false"]).gradient_checkpointing is False

@@ -33,11 +33,3 @@ def rescale_to_norm(x: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
     norm = norm.reshape(*norm.shape, 1) if norm.dim() == x.dim() - 1 else norm
     return l2_normalize(x) * norm
 
-
-def max_offdiagonal_cosine(x: torch.Tensor) -> float:
-    """Largest cosine between two different rows (``-inf`` for fewer than two rows)."""
-    if len(x) < 2:
-        return float("-inf")
-    sim = cosine_matrix(x)
-    sim.fill_diagonal_(float("-inf"))
-    return float(sim.max())
