@@ -28,6 +28,7 @@ import torch
 from diffusers import ModelMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 
+from . import seeding
 from .errors import HSFaceError, InvalidInputError
 from .feature_math import cosine, l2_normalize, rescale_to_norm
 
@@ -535,8 +536,9 @@ def sigma_counts(images_per_identity: int, fractions: Sequence[float]) -> list[i
 
 
 def _perturbation_generator_seed(seed: int, identity: int, attempt: int) -> int:
-    # Always three words: SeedSequence pads short entropy with zeros, so [s, i] would equal [s, i, 0].
-    return int(np.random.SeedSequence([seed, identity, attempt]).generate_state(1, np.uint64)[0])
+    # Keyed without a stream id (see seeding.STREAM_PERTURB). Always three words: SeedSequence pads
+    # short entropy with zeros, so [s, i] would equal [s, i, 0].
+    return seeding.derive_seed(seed, identity, attempt)
 
 
 @torch.no_grad()

@@ -15,7 +15,9 @@ import torch
 # Ranges: 1-99 the pipeline (dataset generation), 101-199 the margin head, 201-299 the face
 # recognition data, 301-399 train_fr, 401-499 train_vec2face.
 
-# pipeline (vec2face_model.pipeline_vec2face)
+# pipeline (vec2face_model.pipeline_vec2face). Identity sampling (seeded with the config seed alone)
+# and perturbation (keyed by (seed, identity, attempt)) predate the registry and keep those keys so
+# that datasets keep their bytes; ids 1 and 2 stay reserved for them.
 STREAM_IDENTITIES = 1
 STREAM_PERTURB = 2
 STREAM_MASK = 3
