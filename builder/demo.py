@@ -8,7 +8,7 @@ of its inputs, the identity ``i`` of (tau, seed) being ``pipe.sample_identities(
 
 * ``/sample`` (n, tau, seed) -> one face per identity + heatmap of their pairwise cosines
 * ``/vary`` (identity, sigma, n, tau, seed) -> n variations, each captioned with its cosine to the identity
-* ``/pose`` (identity, yaw, quality, max_steps, n, tau, seed) -> AttrOP images + per-image success and reached yaw
+* ``/pose`` (identity, yaw, pitch or None, quality, max_steps, n, tau, seed) -> AttrOP images + per-image success and reached angles
 * ``/reference`` (photo, sigma, n, seed) -> the photo's aligned 112x112 crop + variations of that person
 * ``/export`` () -> what the tabs show now, written as a ``load_dataset``-able folder (parquet + card)
 
@@ -35,6 +35,8 @@ __all__ = ["add_parser", "build_app", "export_view", "launch"]
 VIEWS = ("sample", "vary", "pose", "reference")
 MAX_IMAGES = 64  # per call: the demo is for looking, `hsface build` is for volume
 POSE_CHUNK = 4  # images per AttrOP batch in /pose
+# numeric columns of an export (NaN where a tab does not set them)
+EXPORTED_NUMBERS = ("sigma", "cos_to_identity", "target_yaw", "yaw", "target_pitch", "pitch", "quality")
 DEFAULT_EXPORT_DIR = "hsface-demo-exports"
 
 
@@ -128,7 +130,7 @@ class DemoSession:
                 for c in out.cos_to_identity]
         return out.images, rows
 
-    def pose(self, identity, yaw, quality, max_steps, n, tau, seed):
+    def pose(self, identity, yaw, pitch, quality, max_steps, n, tau, seed):
         from tqdm.auto import tqdm
 
         from vec2face_model.attrop import AttrOPConfig
@@ -136,8 +138,9 @@ class DemoSession:
         from vec2face_model.feature_math import cosine
         from vec2face_model.identity import perturb
 
-        config = AttrOPConfig(target_yaw=_check_range("yaw", yaw, -1e9, 1e9), target_quality=_check_range("quality", quality, 0.0, 100.0),
-                              max_steps=_check_count("max steps", max_steps, 1, 200))
+        pitch = None if pitch is None else _check_range("pitch", pitch, -1e9, 1e9)  # empty: pitch left free
+        config = AttrOPConfig(target_yaw=_check_range("yaw", yaw, -1e9, 1e9), target_pitch=pitch,
+                              target_quality=_check_range("quality", quality, 0.0, 100.0), max_steps=_check_count("max steps", max_steps, 1, 200))
         n = _check_count("n", n, 1, 16)
         vector = self.identity(identity, tau, seed)
         # the build's perturbation and AttrOP masks for (seed, identity, image index), called directly
@@ -153,11 +156,14 @@ class DemoSession:
             images.append(tensor_to_uint8(result.images.cpu()))
             cos = cosine(result.vectors.float().cpu(), identities.cpu())
             for k in range(len(vectors)):
-                success, reached = bool(result.success[k]), float(result.yaw[k])
+                success, reached, reached_pitch = bool(result.success[k]), float(result.yaw[k]), float(result.pitch[k])
+                pitch_text = "" if pitch is None else f", pitch {reached_pitch:.1f}° (target {pitch:g})"
                 rows.append(dict(view="pose", identity=int(identity), target_yaw=config.target_yaw, yaw=reached,
+                                 target_pitch=math.nan if pitch is None else pitch, pitch=reached_pitch,
                                  quality=float(result.quality[k]), attrop_success=success, steps=int(result.steps[k]),
                                  cos_to_identity=float(cos[k]),
-                                 caption=f"yaw {reached:.1f}° (target {config.target_yaw:g}) {'reached' if success else 'not reached'}"))
+                                 caption=f"yaw {reached:.1f}° (target {config.target_yaw:g}){pitch_text} "
+                                         f"{'reached' if success else 'not reached'}"))
         return np.concatenate(images), rows
 
     def reference(self, photo, sigma, n, seed):
@@ -193,7 +199,7 @@ def export_view(on_screen: dict, out_dir, model_name: str = "") -> Path:
                 "view": view,
                 "identity": int(row.get("identity", -1)),
                 "caption": row.get("caption", ""),
-                **{key: float(row.get(key, float("nan"))) for key in ("sigma", "cos_to_identity", "target_yaw", "yaw", "quality")},
+                **{key: float(row.get(key, float("nan"))) for key in EXPORTED_NUMBERS},
                 "attrop_success": bool(row.get("attrop_success", False)),
             })
     if not records:
@@ -201,7 +207,7 @@ def export_view(on_screen: dict, out_dir, model_name: str = "") -> Path:
     features = datasets.Features({
         "image": datasets.Image(), "view": datasets.Value("string"), "identity": datasets.Value("int32"),
         "caption": datasets.Value("string"),
-        **{key: datasets.Value("float32") for key in ("sigma", "cos_to_identity", "target_yaw", "yaw", "quality")},
+        **{key: datasets.Value("float32") for key in EXPORTED_NUMBERS},
         "attrop_success": datasets.Value("bool"),
     })
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
@@ -223,7 +229,8 @@ def export_view(on_screen: dict, out_dir, model_name: str = "") -> Path:
         f"{json.dumps(counts)}.\n" + ("\n**Random weights: these images are not faces.**\n" if "random" in model_name else "")
         + "\n```python\nfrom datasets import load_dataset\n"
         f"ds = load_dataset({str(folder)!r}, split='train')\n```\n\nColumns: `image`, `view` (tab), `identity`, `caption`, "
-        "`sigma`, `cos_to_identity`, `target_yaw`, `yaw`, `quality`, `attrop_success` (NaN / False where a tab does not set them).\n"
+        "`sigma`, `cos_to_identity`, `target_yaw`, `yaw`, `target_pitch`, `pitch`, `quality`, `attrop_success` "
+        "(NaN / False where a tab does not set them).\n"
     )
     (folder / "README.md").write_text(card)
     return folder
@@ -266,9 +273,10 @@ def build_app(pipe, model_name: str = "", export_dir=DEFAULT_EXPORT_DIR):
         return shown(images, rows), remember(state, "vary", images, rows)
 
     @_readable_errors
-    def pose(identity, yaw, quality, max_steps, n, tau, seed, state, progress=gr.Progress(track_tqdm=True)):
-        images, rows = session.pose(identity, yaw, quality, max_steps, n, tau, seed)
-        table = [{k: row[k] for k in ("target_yaw", "yaw", "quality", "attrop_success", "steps")} for row in rows]
+    def pose(identity, yaw, pitch, quality, max_steps, n, tau, seed, state, progress=gr.Progress(track_tqdm=True)):
+        images, rows = session.pose(identity, yaw, pitch, quality, max_steps, n, tau, seed)
+        keys = ("target_yaw", "yaw", *(("target_pitch", "pitch") if pitch is not None else ()), "quality", "attrop_success", "steps")
+        table = [{k: row[k] for k in keys} for row in rows]
         return shown(images, rows), table, remember(state, "pose", images, rows)
 
     @_readable_errors
@@ -305,6 +313,7 @@ def build_app(pipe, model_name: str = "", export_dir=DEFAULT_EXPORT_DIR):
             with gr.Row():
                 pose_identity = gr.Number(0, precision=0, label="identity")
                 yaw = gr.Slider(0, 90, value=60, step=1, label="target yaw (degrees)")
+                pitch = gr.Number(None, label="target pitch (degrees, signed; empty: free)")
                 quality = gr.Slider(0, 40, value=27, step=0.5, label="target quality (MagFace)")
                 max_steps = gr.Slider(1, 60, value=5, step=1, label="max steps")
                 n_pose = gr.Slider(1, 16, value=4, step=1, label="images")
@@ -326,7 +335,7 @@ def build_app(pipe, model_name: str = "", export_dir=DEFAULT_EXPORT_DIR):
 
         sample_button.click(sample, [n_ids, tau, seed, state], [sample_gallery, heatmap, state], api_name="sample", **model_events)
         vary_button.click(vary, [vary_identity, sigma, n_vary, tau, seed, state], [vary_gallery, state], api_name="vary", **model_events)
-        pose_button.click(pose, [pose_identity, yaw, quality, max_steps, n_pose, tau, seed, state], [pose_gallery, pose_table, state],
+        pose_button.click(pose, [pose_identity, yaw, pitch, quality, max_steps, n_pose, tau, seed, state], [pose_gallery, pose_table, state],
                           api_name="pose", **model_events)
         ref_button.click(reference, [photo, ref_sigma, n_ref, seed, state], [crop, ref_gallery, state], api_name="reference", **model_events)
         export_button.click(export, [state], [export_message], api_name="export")

@@ -71,18 +71,24 @@ def test_vary_captions_cosine_to_the_identity(client):
 
 
 def test_pose_reports_per_image_success_and_reached_yaw(client):
-    gallery, table = client.predict(0, 60, 27, 1, 2, 0.3, 0, api_name="/pose")
+    gallery, table = client.predict(0, 60, None, 27, 1, 2, 0.3, 0, api_name="/pose")
     assert len(gallery) == 2 and len(table) == 2
     for row in table:
-        assert row["target_yaw"] == 60 and math.isfinite(row["yaw"]) and row["steps"] == 1
+        assert row["target_yaw"] == 60 and math.isfinite(row["yaw"]) and row["steps"] == 1 and "pitch" not in row
         assert row["attrop_success"] is False  # random weights after one step: not reached, and said so
     assert all("not reached" in c for c in _captions(gallery))
+
+
+def test_pose_steers_pitch_too_when_asked(client):
+    gallery, table = client.predict(0, 30, -20, 27, 1, 1, 0.3, 0, api_name="/pose")
+    assert len(table) == 1 and table[0]["target_pitch"] == -20 and math.isfinite(table[0]["pitch"])
+    assert "(target -20)" in _captions(gallery)[0]
 
 
 def test_impossible_pose_target_is_a_readable_error(client):
     # the slider's bounds answer first (AttrOPConfig says the same for library callers): one readable line
     with pytest.raises(AppError, match=r"^Value 120 is greater than maximum value 90\.$"):
-        client.predict(0, 120, 27, 1, 1, 0.3, 0, api_name="/pose")
+        client.predict(0, 120, None, 27, 1, 1, 0.3, 0, api_name="/pose")
 
 
 def test_bad_count_is_a_readable_error(client):
