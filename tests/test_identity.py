@@ -15,13 +15,13 @@ from vec2face_model.identity import (
     IdentityPrior,
     PerturbationError,
     SamplingBudgetError,
-    official_sample_nearby_vectors,
     perturb,
     sample_identities,
     sigma_counts,
     validate_identity_vectors,
 )
 from vec2face_model.errors import InvalidInputError
+from vec2face_model.perturbation import official_sample_nearby_vectors  # parity reference only
 
 # float32 GEMM rounding of a cosine is ~1e-7; accepted pairs can sit right at τ.
 COSINE_ROUNDING = 1e-6
