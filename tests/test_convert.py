@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from vec2face_model.convert import WeightsLoadError, read_weights
+from vec2face_model.weights import WeightsLoadError, read_weights
 from vec2face_model.models.generator import Vec2Face
 
 TINY = dict(embed_dim=64, depth=1, num_heads=4, decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4,

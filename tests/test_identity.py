@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from vec2face_model import identity as identity_module
+from vec2face_model import identity_sampling as sampling_module
 from vec2face_model.feature_math import cosine_matrix, l2_normalize
 from vec2face_model.identity import (
     IdentityPrior,
@@ -206,7 +206,7 @@ def test_sampling_equals_a_sequential_greedy_reference(prior64):
 def test_chunked_scoring_gives_the_same_result(prior64, monkeypatch):
     expected = sample_identities(prior64, 300, tau=0.45, seed=5, block_size=128)
     # Force tiny score blocks: many kept-set chunks and early dropping of rejected candidates.
-    monkeypatch.setattr(identity_module, "_SCORE_BLOCK_ELEMENTS_CPU", 500)
+    monkeypatch.setattr(sampling_module, "_SCORE_BLOCK_ELEMENTS_CPU", 500)
     chunked = sample_identities(prior64, 300, tau=0.45, seed=5, block_size=128)
     assert torch.equal(chunked.vectors, expected.vectors)
     assert chunked.num_drawn == expected.num_drawn
@@ -214,8 +214,8 @@ def test_chunked_scoring_gives_the_same_result(prior64, monkeypatch):
 
 def test_segment_size_does_not_change_the_result(prior64, monkeypatch):
     expected = sample_identities(prior64, 300, tau=0.45, seed=6, block_size=256)
-    monkeypatch.setattr(identity_module, "_MIN_SEGMENT", 7)
-    monkeypatch.setattr(identity_module, "_MAX_SEGMENT", 7)
+    monkeypatch.setattr(sampling_module, "_MIN_SEGMENT", 7)
+    monkeypatch.setattr(sampling_module, "_MAX_SEGMENT", 7)
     segmented = sample_identities(prior64, 300, tau=0.45, seed=6, block_size=256)
     assert torch.equal(segmented.vectors, expected.vectors)
     assert (segmented.num_drawn, segmented.num_rejected_tau) == (expected.num_drawn, expected.num_rejected_tau)

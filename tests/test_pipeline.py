@@ -56,7 +56,7 @@ def test_sampled_identities_and_perturbations_meet_the_paper_constraints(pipe):
 
 def test_attrop_schedule_marks_and_measures_the_steered_images(pipe):
     schedule = AttrOPSchedule(groups=((1, 60.0), (1, 85.0)), config=AttrOPConfig(max_steps=2))
-    out = pipe(num_identities=2, images_per_identity=4, attrop=schedule, seed=0, output_type="np", progress=False)
+    out = pipe(num_identities=2, images_per_identity=4, attrop_schedule=schedule, seed=0, output_type="np", progress=False)
     steered = ~np.isnan(out.attrop_target_yaw)
     assert out.attrop_target_yaw[steered].tolist() == [60.0, 85.0, 60.0, 85.0]
     assert out.image_index[steered].tolist() == [2, 3, 2, 3]
@@ -64,7 +64,7 @@ def test_attrop_schedule_marks_and_measures_the_steered_images(pipe):
     assert np.isnan(out.yaw[~steered]).all() and not out.attrop_success[~steered].any()
     assert {"sample", "perturb", "decode", "attrop"} <= out.timings.keys() and min(out.timings.values()) > 0
     with pytest.raises(ValueError, match="needs 2 images per identity"):
-        pipe(num_identities=1, images_per_identity=1, attrop=schedule, progress=False)
+        pipe(num_identities=1, images_per_identity=1, attrop_schedule=schedule, progress=False)
 
 
 def test_save_pretrained_round_trip(pipe, tmp_path):
@@ -163,7 +163,7 @@ def test_compile_generator_routes_plain_decoding_through_torch_compile():
     pipe = Vec2FacePipeline.from_preset("random-tiny", seed=0)
     identities = pipe.sample_identities(2, seed=0).vectors
     schedule = AttrOPSchedule(groups=((1, 60.0),), config=AttrOPConfig(max_steps=1))
-    eager = pipe(identities, images_per_identity=3, attrop=schedule, seed=1, output_type="pt", progress=False)
+    eager = pipe(identities, images_per_identity=3, attrop_schedule=schedule, seed=1, output_type="pt", progress=False)
     graphs = []
 
     def recording_backend(graph_module, example_inputs):
@@ -171,7 +171,7 @@ def test_compile_generator_routes_plain_decoding_through_torch_compile():
         return graph_module.forward
 
     pipe.compile_generator(backend=recording_backend)
-    compiled = pipe(identities, images_per_identity=3, attrop=schedule, seed=1, output_type="pt", progress=False)
+    compiled = pipe(identities, images_per_identity=3, attrop_schedule=schedule, seed=1, output_type="pt", progress=False)
     assert graphs, "the compiled generator was never called"
     assert torch.equal(compiled.images, eager.images)
     assert compiled.attrop_success.tolist() == eager.attrop_success.tolist()

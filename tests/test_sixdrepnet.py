@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vec2face_model.convert import WeightsLoadError
+from vec2face_model.weights import WeightsLoadError
 from vec2face_model.models.sixdrepnet import (
     SixDRepNet,
     euler_angles_from_rotation,

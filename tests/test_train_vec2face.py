@@ -174,9 +174,9 @@ def test_lpips_loads_a_local_vgg16_file_and_explains_a_missing_one(tmp_path, mon
 def _fake_output(batch=2, width=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     images = (torch.rand(batch, 3, 112, 112, generator=g) * 2 - 1).requires_grad_()
-    logits = torch.randn(batch, 50, width, generator=g, requires_grad=True)
+    tokens = torch.randn(batch, 50, width, generator=g, requires_grad=True)
     gt_tokens = torch.randn(batch, 50, width, generator=g)
-    return types.SimpleNamespace(images=images, logits=logits, gt_tokens=gt_tokens)
+    return types.SimpleNamespace(images=images, tokens=tokens, gt_tokens=gt_tokens)
 
 
 def test_official_weights_and_weighted_total(tiny_data):
@@ -198,9 +198,9 @@ def test_official_weights_and_weighted_total(tiny_data):
     cos = torch.nn.functional.cosine_similarity(features, tiny_data.recognizer(out.images))
     torch.testing.assert_close(losses.terms["identity"], (1 - cos).mean())
     # the token loss ignores token 0 (the identity token)
-    shifted = types.SimpleNamespace(images=out.images, logits=out.logits.detach().clone(), gt_tokens=out.gt_tokens)
-    shifted.logits[:, 0] += 100
-    torch.testing.assert_close(vl.token_loss(shifted.logits, shifted.gt_tokens), losses.terms["token"])
+    shifted = types.SimpleNamespace(images=out.images, tokens=out.tokens.detach().clone(), gt_tokens=out.gt_tokens)
+    shifted.tokens[:, 0] += 100
+    torch.testing.assert_close(vl.token_loss(shifted.tokens, shifted.gt_tokens), losses.terms["token"])
     # without a discriminator there is no GAN term
     assert "gan" not in objective.generator_losses(out, real, features).terms
 

@@ -70,7 +70,7 @@ def sigma_counts(images_per_identity: int, fractions: Sequence[float]) -> list[i
     return counts
 
 
-def _perturbation_generator_seed(seed: int, identity: int, attempt: int) -> int:
+def _perturbation_rng_seed(seed: int, identity: int, attempt: int) -> int:
     # Keyed without a stream id (see seeding.STREAM_PERTURB). Always three words: SeedSequence pads
     # short entropy with zeros, so [s, i] would equal [s, i, 0].
     return seeding.derive_seed(seed, identity, attempt)
@@ -95,7 +95,7 @@ def perturb(
     cosine to the identity is < ``min_similarity`` is redrawn. σ is absolute, i.e. on the scale of
     un-normalised FR features (norm ≈ 20-30): unit-norm inputs would be drowned by the noise.
 
-    Determinism: identity ``i`` draws its first ``[k, dim]`` noise from a generator seeded with
+    Determinism: identity ``i`` draws its first ``[k, dim]`` noise from a torch.Generator seeded with
     ``SeedSequence([seed, identity_offset + i, 0])``, and redraw attempt ``a`` of its image ``j``
     takes row ``j`` of a ``[k, dim]`` draw seeded with ``[seed, identity_offset + i, a]``. So every
     output row depends only on ``(seed, global identity index, j, k)`` and the identity vector:
@@ -132,15 +132,15 @@ def perturb(
         vectors = rescale_to_norm(rows_base + rows_noise * rows_sigma[..., None], rows_norm)
         return vectors, cosine(vectors, rows_base.expand_as(vectors))
 
-    generator = torch.Generator()
+    rng = torch.Generator()
     vectors = torch.empty(num_ids, k, dim)
     cos = torch.empty(num_ids, k)
     noise = torch.empty(min(num_ids, _PERTURB_CHUNK_IDS), k, dim)
     for start in range(0, num_ids, _PERTURB_CHUNK_IDS):
         stop = min(start + _PERTURB_CHUNK_IDS, num_ids)
         for i in range(start, stop):
-            generator.manual_seed(_perturbation_generator_seed(seed, identity_offset + i, 0))
-            torch.randn(k, dim, generator=generator, out=noise[i - start])
+            rng.manual_seed(_perturbation_rng_seed(seed, identity_offset + i, 0))
+            torch.randn(k, dim, generator=rng, out=noise[i - start])
         vectors[start:stop], cos[start:stop] = noisy(
             base[start:stop, None, :], noise[: stop - start], sigma_per_image, base_norm[start:stop, None]
         )
@@ -151,8 +151,8 @@ def perturb(
         for attempt in range(1, max_redraws + 1):
             if len(rows) == 0:
                 break
-            generator.manual_seed(_perturbation_generator_seed(seed, identity_offset + i, attempt))
-            redraw = torch.randn(k, dim, generator=generator)[rows]
+            rng.manual_seed(_perturbation_rng_seed(seed, identity_offset + i, attempt))
+            redraw = torch.randn(k, dim, generator=rng)[rows]
             new_vectors, new_cos = noisy(base[i], redraw, sigma_per_image[rows], base_norm[i].expand(len(rows)))
             ok = new_cos >= min_similarity
             vectors[i, rows[ok]] = new_vectors[ok]
