@@ -282,9 +282,15 @@ def test_callable_sampler_and_argument_checks():
     assert sample_identities(gaussian, 0).vectors.shape[0] == 0
 
 
-def test_progress_bar_runs(prior64):
-    result = sample_identities(prior64, 50, tau=0.6, seed=0, progress=True)
-    assert len(result.vectors) == 50
+def test_progress_bar_changes_nothing_but_the_display(prior64, capsys):
+    quiet = sample_identities(prior64, 50, tau=0.6, seed=0, progress=False)
+    shown = sample_identities(prior64, 50, tau=0.6, seed=0, progress=True)
+    # the bar counts accepted identities on stderr; the draws, and so the result, are the same
+    assert "50/50" in capsys.readouterr().err
+    assert torch.equal(shown.vectors, quiet.vectors)
+    assert (shown.num_drawn, shown.num_rejected_tau) == (quiet.num_drawn, quiet.num_rejected_tau)
+    sample_identities(prior64, 50, tau=0.6, seed=0, progress=False)
+    assert capsys.readouterr().err == ""
 
 
 def test_progress_bar_takes_tqdm_options(prior64):
