@@ -380,6 +380,30 @@ def test_loss_scaling_with_two_optimizers_unscales_before_clipping():
             torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
 
 
+def test_fp16_autocast_with_grad_scaler_skips_overflowing_steps_and_then_trains():
+    # The real fp16 path (CPU autocast supports float16): a loss scale past float16's range makes the
+    # scaled gradients inf, so both optimizers must skip the step (weights untouched) and the scale
+    # must back off; at a sane scale the next step updates both models with finite losses.
+    config = tv.parse_config(["--config=tiny", "--loss_lpips=0"])
+    batch = {"pixel_values": from_pil(_face_like_images(2, seed=5))}
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)
+    parts = _tiny_parts(config, scaler=scaler)
+    parts.autocast = lambda: torch.autocast("cpu", dtype=torch.float16)
+    before = [p.detach().clone() for p in parts.g_params + parts.d_params]
+    with torch.random.fork_rng(devices=[]):
+        tv.train_step(parts, batch, step=0, gan_on=True)
+    assert scaler.get_scale() == 2.0**39  # one backoff (factor 0.5) after the overflow
+    assert all(torch.equal(p, q) for p, q in zip(parts.g_params + parts.d_params, before))  # step skipped
+
+    scaler.update(new_scale=2.0**8)
+    with torch.random.fork_rng(devices=[]):
+        record = tv.train_step(parts, batch, step=1, gan_on=True)
+    assert all(math.isfinite(v) for v in record.values())
+    changed = [not torch.equal(p, q) for p, q in zip(parts.g_params + parts.d_params, before)]
+    assert any(changed[: len(parts.g_params)]) and any(changed[len(parts.g_params) :])
+    assert scaler.get_scale() == 2.0**8  # no overflow: the scale stays until growth_interval steps
+
+
 def test_online_features_equal_precomputed_ones():
     # features=online: batches carry no "features" and the step embeds the images with the frozen
     # recognizer; the update must be the one a cached/column feature of the same recognizer gives.
