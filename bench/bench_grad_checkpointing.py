@@ -58,7 +58,7 @@ def measure(variant: str, batch_size: int, device: str, steps: int) -> dict:
     for _ in range(steps):
         start = time.perf_counter()
         out = model(vectors, token_drop_mask=drop, token_all_mask=masked)
-        loss = out.images.square().mean() + (out.logits - out.gt_tokens).square().mean()
+        loss = out.images.square().mean() + (out.tokens - out.gt_tokens).square().mean()
         loss.backward()
         if device == "cuda":
             torch.cuda.synchronize()

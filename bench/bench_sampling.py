@@ -1,4 +1,4 @@
-"""Throughput of τ-bounded identity sampling (vec2face_model.identity.sample_identities) against the
+"""Throughput of τ-bounded identity sampling (vec2face_model.identity_sampling.sample_identities) against the
 fp32 GEMM peak of the same device, measured in the same run.
 
 The unavoidable work of sampling ``n`` identities is one dot product per pair of accepted vectors:
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from vec2face_model import identity
+from vec2face_model import identity_sampling
 from vec2face_model.identity import IdentityPrior, sample_identities
 
 
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     gemm_repeats = 3 if device.type == "cpu" else 10
     square = 8192 if device.type == "cuda" else 4096
     # The sampler's own GEMM: a segment of ≤ 1024 unit candidates against a chunk of the kept set.
-    chunk = (identity._SCORE_BLOCK_ELEMENTS_CPU if device.type == "cpu" else identity._SCORE_BLOCK_ELEMENTS_ACCELERATOR) // 1024
+    chunk = (identity_sampling._SCORE_BLOCK_ELEMENTS_CPU if device.type == "cpu" else identity_sampling._SCORE_BLOCK_ELEMENTS_ACCELERATOR) // 1024
 
     def measure_peak(label: str) -> float:
         square_peak = gemm_flops(device, square, square, square, gemm_repeats)

@@ -63,7 +63,7 @@ GRID_IMAGES = 8
 def _describe_recognizer(name_or_path, model: IResNet) -> dict:
     import torch
 
-    from vec2face_model.pipeline_vec2face import OFFICIAL_FILES, OFFICIAL_REPO_ID, PRESETS
+    from vec2face_model.pipeline_vec2face import OFFICIAL_FILES, OFFICIAL_REPO_ID, PIPELINE_PRESETS
     from vec2face_model.recognizers import recognizer_hash
 
     if isinstance(name_or_path, torch.nn.Module):
@@ -77,7 +77,7 @@ def _describe_recognizer(name_or_path, model: IResNet) -> dict:
         "class": type(model).__name__,
         "config": {k: v for k, v in dict(model.config).items() if not k.startswith("_")},
         "sha256": recognizer_hash(model),
-        "random_weights": source in PRESETS,
+        "random_weights": source in PIPELINE_PRESETS,
     }
 
 

@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 
-from vec2face_model.convert import weights_sha256
+from vec2face_model.weights import weights_sha256
 from vec2face_model.errors import HSFaceError
 from vec2face_model.performance import measure_precision_speedup
 from vec2face_model.pipeline_vec2face import Vec2FacePipeline, Vec2FacePipelineOutput

@@ -127,7 +127,7 @@ def generate_shard(
         sigmas=config.sigmas,
         fractions=config.fractions,
         min_similarity=config.min_similarity,
-        attrop=config.attrop_schedule(),
+        attrop_schedule=config.attrop_schedule(),
         refine_identities=config.refine_config(),
         seed=config.seed,
         identity_offset=ids.start,

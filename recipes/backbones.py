@@ -74,7 +74,7 @@ def load_backbone(path: str | Path) -> nn.Module:
 def _load_exported(directory: Path) -> nn.Module:
     from safetensors.torch import load_file
 
-    from vec2face_model.convert import load_state_dict_strict
+    from vec2face_model.weights import load_state_dict_strict
 
     description = json.loads((directory / BACKBONE_CONFIG_NAME).read_text())
     backbone = build_backbone(description["backbone"], description["embedding_size"], description.get("backbone_kwargs"))

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vec2face_model.convert import weights_sha256
+from vec2face_model.weights import weights_sha256
 from vec2face_model.errors import InvalidInputError
 from vec2face_model.seeding import STREAM_VEC2FACE_DATA_ORDER, derive_seed
 

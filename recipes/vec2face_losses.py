@@ -3,7 +3,7 @@
 With x̂ the generated image, x the real one (both RGB in [-1, 1]) and f the identity feature::
 
     generator = w_pixel·mean((x̂−x)²) + w_lpips·mean(LPIPS_vgg(x̂, x)) + w_ssim·(1 − SSIM((x̂+1)/2, (x+1)/2))
-              + w_token·mean((logits[:,1:] − gt_tokens[:,1:])²) + w_identity·mean(1 − cos(f, R(x̂)))
+              + w_token·mean((tokens[:,1:] − gt_tokens[:,1:])²) + w_identity·mean(1 − cos(f, R(x̂)))
               + w_gan·g·(−mean(D(x̂)))                                  [only from the GAN start epoch]
     discriminator = 0.5·(mean((D(x) − 1)²) + mean(D(x̂)²))                 (LSGAN)
 
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vec2face_model.convert import read_weights
+from vec2face_model.weights import read_weights
 from vec2face_model.feature_math import cosine
 
 __all__ = [
@@ -233,9 +233,9 @@ class PerceptualLoss(nn.Module):
 # -- individual terms --------------------------------------------------------------------------------
 
 
-def token_loss(logits: torch.Tensor, gt_tokens: torch.Tensor) -> torch.Tensor:
-    """MSE between decoder outputs and the unmasked feature tokens, identity token 0 excluded."""
-    return (logits[:, 1:].float() - gt_tokens[:, 1:].float()).pow(2).mean()
+def token_loss(tokens: torch.Tensor, gt_tokens: torch.Tensor) -> torch.Tensor:
+    """MSE between decoder output tokens and the unmasked feature tokens, identity token 0 excluded."""
+    return (tokens[:, 1:].float() - gt_tokens[:, 1:].float()).pow(2).mean()
 
 
 def identity_loss(features: torch.Tensor, generated_features: torch.Tensor) -> torch.Tensor:
@@ -341,7 +341,7 @@ class Vec2FaceObjective:
         if w.ssim > 0:
             terms["ssim"] = 1 - ssim((fake + 1) / 2, (real_images + 1) / 2).mean()
         if w.token > 0:
-            terms["token"] = token_loss(output.logits, output.gt_tokens)
+            terms["token"] = token_loss(output.tokens, output.gt_tokens)
         if w.identity > 0:
             terms["identity"] = identity_loss(features, self.recognizer(fake))
         nll = sum(getattr(w, name) * value for name, value in terms.items())

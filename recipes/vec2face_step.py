@@ -63,8 +63,8 @@ def train_step(parts: TrainingParts, batch: dict, step: int, gan_on: bool) -> di
         with torch.no_grad():
             features = parts.recognizer(images).float()
     # Masks and dropout are keyed by (seed, step, rank): a resumed run draws what an uninterrupted one would.
-    mask_generator = torch.Generator().manual_seed(derive_seed(config.seed, STREAM_VEC2FACE_MASK, step, parts.rank))
-    token_drop_mask, token_all_mask = parts.generator_module.draw_masks(len(images), mask_generator, ratio=config.mask_ratio)
+    mask_rng = torch.Generator().manual_seed(derive_seed(config.seed, STREAM_VEC2FACE_MASK, step, parts.rank))
+    token_drop_mask, token_all_mask = parts.generator_module.draw_masks(len(images), mask_rng, ratio=config.mask_ratio)
     torch.manual_seed(derive_seed(config.seed, STREAM_VEC2FACE_DROPOUT, step, parts.rank))
 
     with parts.autocast():

@@ -146,7 +146,7 @@ def tiny_pipe():
 
 
 def test_inference_views_compute_the_same_function_and_leave_the_registered_weights_alone(tiny_pipe):
-    from vec2face_model.convert import weights_sha256
+    from vec2face_model.weights import weights_sha256
     from vec2face_model.performance import inference_view
 
     networks = {name: getattr(tiny_pipe, name) for name in ("generator", "recognizer", "quality", "pose")}
@@ -221,7 +221,7 @@ def test_slow_precision_warns_and_the_speedup_is_measured(tiny_pipe, monkeypatch
 
 
 def test_folded_batchnorm_copy_computes_the_same_features_and_leaves_the_model_alone(tiny_pipe):
-    from vec2face_model.convert import weights_sha256
+    from vec2face_model.weights import weights_sha256
     from vec2face_model.models.iresnet import fold_batchnorm
 
     model = tiny_pipe.recognizer

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from vec2face_model.convert import WeightsLoadError, read_weights
+from vec2face_model.weights import WeightsLoadError, read_weights
 from vec2face_model.models.generator import Vec2Face
 
 TINY = dict(embed_dim=64, depth=1, num_heads=4, decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4,
@@ -122,3 +122,11 @@ def test_a_generator_of_another_size_asks_for_its_head_counts(tmp_path, tiny_mod
     with pytest.raises(InvalidInputError, match=r"pass decoder_num_heads as trained"):
         Vec2Face.from_official(path, num_heads=4)
     assert Vec2Face.from_official(path, num_heads=4, decoder_num_heads=4).config.num_heads == 4
+
+
+def test_old_convert_module_re_exports_every_weights_name():
+    import vec2face_model.convert as old
+    import vec2face_model.weights as weights
+
+    assert old.__all__ == weights.__all__ and "read_weights" in old.__all__
+    assert all(getattr(old, name) is getattr(weights, name) for name in weights.__all__)

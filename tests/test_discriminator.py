@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vec2face_model.convert import WeightsLoadError
+from vec2face_model.weights import WeightsLoadError
 from vec2face_model.models.discriminator import PatchDiscriminator, cross_embed_widths
 
 from conftest import assert_state_dict_matches_manifest

@@ -75,7 +75,7 @@ def test_fixture_outputs_match_official(fixture_model_and_io):
             h.remove()
     torch.testing.assert_close(out.gt_tokens, io["enc.gt_indices"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.latent, io["enc.latent"], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out.logits, io["dec.logits"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.tokens, io["dec.logits"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.image_latents, io["dec.decoder_proj"], atol=1e-5, rtol=1e-5)
     for key, value in captured.items():
         torch.testing.assert_close(value, io[key], atol=1e-4 if key.startswith("imdec") else 1e-5, rtol=1e-4, msg=key)
@@ -109,12 +109,12 @@ def test_drawn_masks_follow_the_official_layout(ratio):
 
 
 def test_mask_sampling_is_reproducible_and_per_sample_generators_are_batch_independent():
-    a = draw_token_masks(3, generator=torch.Generator().manual_seed(7))
-    b = draw_token_masks(3, generator=torch.Generator().manual_seed(7))
+    a = draw_token_masks(3, rng=torch.Generator().manual_seed(7))
+    b = draw_token_masks(3, rng=torch.Generator().manual_seed(7))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
-    batch = draw_token_masks(3, generator=gens([10, 11, 12]))
-    alone = draw_token_masks(1, generator=gens([11]))
+    batch = draw_token_masks(3, rng=gens([10, 11, 12]))
+    alone = draw_token_masks(1, rng=gens([11]))
     assert torch.equal(batch[0][1:2], alone[0]) and torch.equal(batch[1][1:2], alone[1])
 
 
@@ -190,7 +190,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
         model.zero_grad(set_to_none=True)
         torch.manual_seed(7)  # the dropout stream
         out = model(vectors, token_drop_mask=drop, token_all_mask=masked)
-        loss = out.images.square().mean() + (out.logits - out.gt_tokens).square().mean()
+        loss = out.images.square().mean() + (out.tokens - out.gt_tokens).square().mean()
         loss.backward()
         return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 

@@ -9,19 +9,19 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from vec2face_model import identity as identity_module
+from vec2face_model import identity_sampling as sampling_module
 from vec2face_model.feature_math import cosine_matrix, l2_normalize
 from vec2face_model.identity import (
     IdentityPrior,
     PerturbationError,
     SamplingBudgetError,
-    official_sample_nearby_vectors,
     perturb,
     sample_identities,
     sigma_counts,
     validate_identity_vectors,
 )
 from vec2face_model.errors import InvalidInputError
+from vec2face_model.perturbation import official_sample_nearby_vectors  # parity reference only
 
 # float32 GEMM rounding of a cosine is ~1e-7; accepted pairs can sit right at τ.
 COSINE_ROUNDING = 1e-6
@@ -206,7 +206,7 @@ def test_sampling_equals_a_sequential_greedy_reference(prior64):
 def test_chunked_scoring_gives_the_same_result(prior64, monkeypatch):
     expected = sample_identities(prior64, 300, tau=0.45, seed=5, block_size=128)
     # Force tiny score blocks: many kept-set chunks and early dropping of rejected candidates.
-    monkeypatch.setattr(identity_module, "_SCORE_BLOCK_ELEMENTS_CPU", 500)
+    monkeypatch.setattr(sampling_module, "_SCORE_BLOCK_ELEMENTS_CPU", 500)
     chunked = sample_identities(prior64, 300, tau=0.45, seed=5, block_size=128)
     assert torch.equal(chunked.vectors, expected.vectors)
     assert chunked.num_drawn == expected.num_drawn
@@ -214,8 +214,8 @@ def test_chunked_scoring_gives_the_same_result(prior64, monkeypatch):
 
 def test_segment_size_does_not_change_the_result(prior64, monkeypatch):
     expected = sample_identities(prior64, 300, tau=0.45, seed=6, block_size=256)
-    monkeypatch.setattr(identity_module, "_MIN_SEGMENT", 7)
-    monkeypatch.setattr(identity_module, "_MAX_SEGMENT", 7)
+    monkeypatch.setattr(sampling_module, "_MIN_SEGMENT", 7)
+    monkeypatch.setattr(sampling_module, "_MAX_SEGMENT", 7)
     segmented = sample_identities(prior64, 300, tau=0.45, seed=6, block_size=256)
     assert torch.equal(segmented.vectors, expected.vectors)
     assert (segmented.num_drawn, segmented.num_rejected_tau) == (expected.num_drawn, expected.num_rejected_tau)
@@ -282,9 +282,15 @@ def test_callable_sampler_and_argument_checks():
     assert sample_identities(gaussian, 0).vectors.shape[0] == 0
 
 
-def test_progress_bar_runs(prior64):
-    result = sample_identities(prior64, 50, tau=0.6, seed=0, progress=True)
-    assert len(result.vectors) == 50
+def test_progress_bar_changes_nothing_but_the_display(prior64, capsys):
+    quiet = sample_identities(prior64, 50, tau=0.6, seed=0, progress=False)
+    shown = sample_identities(prior64, 50, tau=0.6, seed=0, progress=True)
+    # the bar counts accepted identities on stderr; the draws, and so the result, are the same
+    assert "50/50" in capsys.readouterr().err
+    assert torch.equal(shown.vectors, quiet.vectors)
+    assert (shown.num_drawn, shown.num_rejected_tau) == (quiet.num_drawn, quiet.num_rejected_tau)
+    sample_identities(prior64, 50, tau=0.6, seed=0, progress=False)
+    assert capsys.readouterr().err == ""
 
 
 def test_progress_bar_takes_tqdm_options(prior64):

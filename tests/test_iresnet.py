@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vec2face_model.convert import WeightsLoadError
+from vec2face_model.weights import WeightsLoadError
 from vec2face_model.models.iresnet import (
     IResNet,
     iresnet18,

@@ -56,7 +56,7 @@ def test_sampled_identities_and_perturbations_meet_the_paper_constraints(pipe):
 
 def test_attrop_schedule_marks_and_measures_the_steered_images(pipe):
     schedule = AttrOPSchedule(groups=((1, 60.0), (1, 85.0)), config=AttrOPConfig(max_steps=2))
-    out = pipe(num_identities=2, images_per_identity=4, attrop=schedule, seed=0, output_type="np", progress=False)
+    out = pipe(num_identities=2, images_per_identity=4, attrop_schedule=schedule, seed=0, output_type="np", progress=False)
     steered = ~np.isnan(out.attrop_target_yaw)
     assert out.attrop_target_yaw[steered].tolist() == [60.0, 85.0, 60.0, 85.0]
     assert out.image_index[steered].tolist() == [2, 3, 2, 3]
@@ -64,7 +64,7 @@ def test_attrop_schedule_marks_and_measures_the_steered_images(pipe):
     assert np.isnan(out.yaw[~steered]).all() and not out.attrop_success[~steered].any()
     assert {"sample", "perturb", "decode", "attrop"} <= out.timings.keys() and min(out.timings.values()) > 0
     with pytest.raises(ValueError, match="needs 2 images per identity"):
-        pipe(num_identities=1, images_per_identity=1, attrop=schedule, progress=False)
+        pipe(num_identities=1, images_per_identity=1, attrop_schedule=schedule, progress=False)
 
 
 def test_save_pretrained_round_trip(pipe, tmp_path):
@@ -152,10 +152,22 @@ def test_reference_mode_variations_and_interpolation(pipe):
     out = pipe.variations(faces, images_per_identity=3, sigma=0.2, seed=1, align=False)  # random-tiny images are no faces
     assert len(out.images) == 6 and out.labels.tolist() == [0, 0, 0, 1, 1, 1]
     assert out.images[0].size == (112, 112)
+    # the identities are the recognizer's features of the given photos, perturbed with the one sigma
+    torch.testing.assert_close(out.identity_vectors, pipe.identity_features(faces))
+    assert np.all(out.sigma == np.float32(0.2))
+    assert len({img.tobytes() for img in out.images[:3]}) == 3  # three different images of person 0
     a, b = out.identity_vectors
-    frames = pipe.interpolate(a, b, steps=5, output_type="np")
-    assert frames.shape == (5, 112, 112, 3)
-    assert not np.array_equal(frames[0], frames[-1])
+    frames = pipe.interpolate(a, b, steps=5, output_type="pt")
+    assert frames.shape == (5, 3, 112, 112)
+    # the ends are exactly a and b, decoded with the one mask all steps share (float rounding only:
+    # the batch shape differs); the middle frame is neither end
+    zero = torch.zeros(1, dtype=torch.long)
+    torch.testing.assert_close(frames[0], pipe.decode(a[None], zero, zero, seed=0)[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(frames[-1], pipe.decode(b[None], zero, zero, seed=0)[0], atol=1e-4, rtol=1e-4)
+    ends_apart = (frames[0] - frames[-1]).abs().mean()
+    assert ends_apart > 1e-2
+    assert min((frames[2] - frames[0]).abs().mean(), (frames[2] - frames[-1]).abs().mean()) > 0.1 * ends_apart
+    np.testing.assert_array_equal(pipe.interpolate(a, b, steps=5, output_type="np"), pipe._format(frames, "np"))
 
 
 def test_compile_generator_routes_plain_decoding_through_torch_compile():
@@ -163,7 +175,7 @@ def test_compile_generator_routes_plain_decoding_through_torch_compile():
     pipe = Vec2FacePipeline.from_preset("random-tiny", seed=0)
     identities = pipe.sample_identities(2, seed=0).vectors
     schedule = AttrOPSchedule(groups=((1, 60.0),), config=AttrOPConfig(max_steps=1))
-    eager = pipe(identities, images_per_identity=3, attrop=schedule, seed=1, output_type="pt", progress=False)
+    eager = pipe(identities, images_per_identity=3, attrop_schedule=schedule, seed=1, output_type="pt", progress=False)
     graphs = []
 
     def recording_backend(graph_module, example_inputs):
@@ -171,7 +183,85 @@ def test_compile_generator_routes_plain_decoding_through_torch_compile():
         return graph_module.forward
 
     pipe.compile_generator(backend=recording_backend)
-    compiled = pipe(identities, images_per_identity=3, attrop=schedule, seed=1, output_type="pt", progress=False)
+    compiled = pipe(identities, images_per_identity=3, attrop_schedule=schedule, seed=1, output_type="pt", progress=False)
     assert graphs, "the compiled generator was never called"
     assert torch.equal(compiled.images, eager.images)
     assert compiled.attrop_success.tolist() == eager.attrop_success.tolist()
+
+
+def test_bf16_runs_and_stays_close_to_fp32(pipe):
+    identities = pipe.sample_identities(3, seed=1).vectors
+    run = dict(images_per_identity=2, seed=5, output_type="pt", progress=False)
+    fp32 = pipe(identities, **run).images
+    bf16 = pipe(identities, precision="bf16", **run).images
+    other_seed = pipe(identities, **{**run, "seed": 6}).images
+    assert bf16.dtype == torch.float32 and bf16.shape == fp32.shape and torch.isfinite(bf16).all()
+    assert not torch.equal(bf16, fp32)  # autocast really ran in bf16
+    # bf16 keeps 8 mantissa bits (relative rounding 2^-9 per operation): images differ by rounding,
+    # which must stay far below what a different seed (other masks and noise) changes. Measured on
+    # random-tiny: 0.011 against 0.32 mean absolute difference, a ratio of 0.035; 0.15 leaves room for
+    # other CPUs' kernels while still failing if bf16 changed what is drawn rather than how it rounds.
+    rounding = (bf16 - fp32).abs().mean()
+    seed_change = (other_seed - fp32).abs().mean()
+    assert rounding < 0.15 * seed_change
+    # same seed, same bytes in bf16 too
+    assert torch.equal(bf16, pipe(identities, precision="bf16", **run).images)
+
+
+def test_identity_refinement_raises_quality_and_keeps_the_identity(pipe):
+    from vec2face_model import attrop, magface_quality, seeding
+
+    identities = pipe.sample_identities(4, seed=1).vectors
+    labels, zero = torch.arange(4), torch.zeros(4, dtype=torch.long)
+    quality = lambda images: magface_quality(pipe.quality, images)  # noqa: E731
+
+    # The refinement objective with the masks held fixed: every step raises every identity's MagFace
+    # quality (small lr so Adam's first-order step dominates the random network's curvature).
+    def decode(v, rows, iteration):
+        rows = rows.cpu()
+        return pipe.decode(v, labels[rows], zero[rows], seed=0, stream=seeding.STREAM_REFINE_MASK)
+
+    def measured(vectors):
+        with torch.no_grad():
+            return quality(decode(vectors, labels, None).clamp(-1, 1))
+
+    models = [pipe.generator, pipe.recognizer, pipe.quality]
+    gains = []
+    for steps in (2, 3):
+        config = AttrOPConfig(target_yaw=None, target_quality=1e6, lr=0.01, max_steps=steps)  # target never met: all steps run
+        refined = attrop(identities, identities, decode, pipe.recognizer, quality, None, config, models=models).vectors
+        gains.append(measured(refined) - measured(identities))
+    assert (gains[0] > 0).all() and (gains[1] > gains[0]).all()
+
+    # The pipeline's pass (fresh masks each step): moves the identities, keeps their direction, repeats exactly.
+    config = AttrOPConfig(target_quality=1e6, lr=0.01, max_steps=2)
+    refined = pipe.refine(identities, config, seed=0, progress=False)
+    assert not torch.equal(refined, identities)
+    assert (cosine(refined, identities) > 0.99).all()
+    torch.testing.assert_close(refined, pipe.refine(identities, config, seed=0, progress=False), atol=0, rtol=0)
+    out = pipe(identities, images_per_identity=1, refine_identities=config, seed=0, output_type="pt", progress=False)
+    torch.testing.assert_close(out.identity_vectors, refined, atol=1e-5, rtol=1e-5)
+
+
+def test_renamed_names_keep_working_with_a_deprecation_warning(pipe):
+    import vec2face_model.pipeline_vec2face as pipeline_module
+
+    identities = pipe.sample_identities(2, seed=1).vectors
+    schedule = AttrOPSchedule(groups=((1, 60.0),), config=AttrOPConfig(max_steps=1))
+    run = dict(images_per_identity=2, seed=0, output_type="pt", progress=False)
+    new = pipe(identities, attrop_schedule=schedule, **run)
+    with pytest.warns(DeprecationWarning, match="attrop_schedule"):
+        old = pipe(identities, attrop=schedule, **run)
+    torch.testing.assert_close(old.images, new.images, atol=0, rtol=0)
+    assert np.isfinite(old.attrop_target_yaw).sum() == 2  # the schedule really applied
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="once"):
+        pipe(identities, attrop=schedule, attrop_schedule=schedule, **run)
+    with pytest.raises(TypeError, match="attrops"):
+        pipe(identities, attrops=schedule, **run)
+    with pytest.warns(DeprecationWarning, match="PIPELINE_PRESETS"):
+        assert pipeline_module.PRESETS == pipeline_module.PIPELINE_PRESETS == ("random-tiny",)
+
+    output = pipe.generator(identities, generator=torch.Generator().manual_seed(0))
+    assert output.tokens.shape == (2, 50, pipe.generator.config.decoder_embed_dim)
+    with pytest.warns(DeprecationWarning, match="tokens"):
+        assert output.logits is output.tokens

@@ -14,7 +14,7 @@ from huggingface_hub import ModelCard
 from safetensors.torch import save_file
 
 from vec2face_model import AttrOPConfig, AttrOPSchedule, Vec2FacePipeline
-from vec2face_model.convert import WeightsLoadError
+from vec2face_model.weights import WeightsLoadError
 from vec2face_model.errors import InvalidInputError
 
 
@@ -195,7 +195,7 @@ def test_progress_bars_follow_set_progress_bar_config(capsys):
 
 def test_a_schedule_of_only_attrop_images_works(pipe):
     schedule = AttrOPSchedule(groups=((2, 60.0),), config=AttrOPConfig(max_steps=1))
-    out = pipe(num_identities=2, images_per_identity=2, attrop=schedule, output_type="np", progress=False)
+    out = pipe(num_identities=2, images_per_identity=2, attrop_schedule=schedule, output_type="np", progress=False)
     assert out.images.shape == (4, 112, 112, 3) and (out.attrop_target_yaw == 60.0).all()
     assert np.isfinite(out.yaw).all()
 
@@ -217,7 +217,7 @@ def test_a_schedule_of_only_attrop_images_works(pipe):
         (lambda p, v: p(v, batch_size=0), "batch_size must be a positive integer"),
         (lambda p, v: p(v, seed=-1), "seed must be a non-negative integer"),
         (lambda p, v: p(v, identity_offset=-2), "identity_offset must be a non-negative integer"),
-        (lambda p, v: p(v, images_per_identity=1, attrop=AttrOPSchedule(groups=((2, 60.0),))), "needs 2 images per identity"),
+        (lambda p, v: p(v, images_per_identity=1, attrop_schedule=AttrOPSchedule(groups=((2, 60.0),))), "needs 2 images per identity"),
         (lambda p, v: p(v, generator=3), "torch.Generator"),
         (lambda p, v: p.sample_identities(0), "num_identities must be a positive integer"),
         (lambda p, v: p.interpolate(v[0], v[1], steps=0), "steps must be a positive integer, got 0"),

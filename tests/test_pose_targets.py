@@ -85,7 +85,7 @@ def pipe():
 
 def test_pipeline_schedules_pitch_groups_and_reports_every_angle(pipe):
     schedule = AttrOPSchedule(groups=((1, 60.0), (1, None, 20.0)), config=AttrOPConfig(max_steps=1))
-    out = pipe(num_identities=2, images_per_identity=3, attrop=schedule, output_type="np", progress=False)
+    out = pipe(num_identities=2, images_per_identity=3, attrop_schedule=schedule, output_type="np", progress=False)
     assert np.isnan(out.attrop_target_yaw[0::3]).all() and np.isnan(out.attrop_target_pitch[0::3]).all()
     assert (out.attrop_target_yaw[1::3] == 60.0).all() and np.isnan(out.attrop_target_pitch[1::3]).all()
     assert np.isnan(out.attrop_target_yaw[2::3]).all() and (out.attrop_target_pitch[2::3] == 20.0).all()
@@ -96,8 +96,8 @@ def test_pipeline_schedules_pitch_groups_and_reports_every_angle(pipe):
 
 def test_an_unset_pitch_changes_nothing(pipe):
     common = dict(num_identities=2, images_per_identity=2, output_type="np", progress=False)
-    plain = pipe(attrop=AttrOPSchedule(groups=((1, 60.0),), config=AttrOPConfig(max_steps=2)), **common)
-    explicit = pipe(attrop=AttrOPSchedule(groups=((1, 60.0, None, None),), config=AttrOPConfig(max_steps=2)), **common)
+    plain = pipe(attrop_schedule=AttrOPSchedule(groups=((1, 60.0),), config=AttrOPConfig(max_steps=2)), **common)
+    explicit = pipe(attrop_schedule=AttrOPSchedule(groups=((1, 60.0, None, None),), config=AttrOPConfig(max_steps=2)), **common)
     assert np.array_equal(plain.images, explicit.images) and np.array_equal(plain.yaw, explicit.yaw, equal_nan=True)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vec2face_model.convert import WeightsLoadError
+from vec2face_model.weights import WeightsLoadError
 from vec2face_model.models.sixdrepnet import (
     SixDRepNet,
     euler_angles_from_rotation,
@@ -98,16 +98,22 @@ def test_default_config_matches_official_manifest():
     assert grouped == {f"layer{stage}.{i}.rbr_reparam" for stage, positions in odd_positions.items() for i in positions}
 
 
-def test_tiny_model_forward_shapes():
+def test_tiny_model_predicts_proper_rotations_per_image():
     torch.manual_seed(0)
     model = SixDRepNet(**TINY).eval()
     images = torch.rand(3, 3, 112, 112) * 2 - 1
     with torch.no_grad():
         rotation = model(images)
         euler = model.predict_euler(images)
-    assert rotation.shape == (3, 3, 3)
-    assert euler.shape == (3, 3)
-    assert torch.isfinite(euler).all()
+        alone = model(images[1:2])
+    assert rotation.shape == (3, 3, 3) and euler.shape == (3, 3)
+    # Gram-Schmidt output: orthonormal with determinant +1 (a rotation, never a reflection)
+    eye = torch.eye(3).expand(3, 3, 3)
+    torch.testing.assert_close(rotation @ rotation.transpose(1, 2), eye, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.linalg.det(rotation), torch.ones(3), atol=1e-5, rtol=0)
+    assert torch.isfinite(euler).all() and (euler.abs() <= 180).all()  # degrees
+    assert not torch.allclose(rotation[0], rotation[1], atol=1e-4)  # depends on the image
+    torch.testing.assert_close(alone[0], rotation[1], atol=1e-5, rtol=1e-5)  # eval mode: no batch coupling
 
 
 def test_predict_euler_uses_vec2face_preprocessing():
@@ -123,10 +129,24 @@ def test_predict_euler_uses_vec2face_preprocessing():
 
 def test_predict_euler_is_differentiable_in_the_image():
     torch.manual_seed(0)
-    model = SixDRepNet(**TINY).eval()
-    images = (torch.rand(2, 3, 112, 112) * 1.8 - 0.9).requires_grad_()
-    model.predict_euler(images)[:, 1].sum().backward()
-    assert images.grad.abs().sum() > 0
+    model = SixDRepNet(**TINY).eval().double()
+    images = (torch.rand(2, 3, 112, 112, dtype=torch.float64) * 1.8 - 0.9).requires_grad_()
+    model.predict_euler(images)[0, 1].backward()  # yaw of image 0 only
+    gradient = images.grad
+    assert gradient[0].abs().sum() > 0
+    assert gradient[1].abs().sum() == 0  # image 1 does not influence image 0's yaw
+    # the gradient AttrOP follows is the true derivative: a central difference along a direction
+    # that mixes the gradient with noise matches it (float64, so the quotient is exact to ~1e-6)
+    noise = torch.randn(2, 3, 112, 112, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    direction = gradient / gradient.norm() + noise / noise.norm()
+    direction[1] = 0
+    step = 1e-4
+    with torch.no_grad():
+        plus = model.predict_euler(images + step * direction)[0, 1]
+        minus = model.predict_euler(images - step * direction)[0, 1]
+    numeric = (plus - minus) / (2 * step)
+    analytic = (gradient * direction).sum()
+    torch.testing.assert_close(numeric, analytic, rtol=1e-3, atol=1e-6)
 
 
 def test_from_official_infers_config_and_round_trips(tmp_path):

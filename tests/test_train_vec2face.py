@@ -174,9 +174,9 @@ def test_lpips_loads_a_local_vgg16_file_and_explains_a_missing_one(tmp_path, mon
 def _fake_output(batch=2, width=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     images = (torch.rand(batch, 3, 112, 112, generator=g) * 2 - 1).requires_grad_()
-    logits = torch.randn(batch, 50, width, generator=g, requires_grad=True)
+    tokens = torch.randn(batch, 50, width, generator=g, requires_grad=True)
     gt_tokens = torch.randn(batch, 50, width, generator=g)
-    return types.SimpleNamespace(images=images, logits=logits, gt_tokens=gt_tokens)
+    return types.SimpleNamespace(images=images, tokens=tokens, gt_tokens=gt_tokens)
 
 
 def test_official_weights_and_weighted_total(tiny_data):
@@ -198,9 +198,9 @@ def test_official_weights_and_weighted_total(tiny_data):
     cos = torch.nn.functional.cosine_similarity(features, tiny_data.recognizer(out.images))
     torch.testing.assert_close(losses.terms["identity"], (1 - cos).mean())
     # the token loss ignores token 0 (the identity token)
-    shifted = types.SimpleNamespace(images=out.images, logits=out.logits.detach().clone(), gt_tokens=out.gt_tokens)
-    shifted.logits[:, 0] += 100
-    torch.testing.assert_close(vl.token_loss(shifted.logits, shifted.gt_tokens), losses.terms["token"])
+    shifted = types.SimpleNamespace(images=out.images, tokens=out.tokens.detach().clone(), gt_tokens=out.gt_tokens)
+    shifted.tokens[:, 0] += 100
+    torch.testing.assert_close(vl.token_loss(shifted.tokens, shifted.gt_tokens), losses.terms["token"])
     # without a discriminator there is no GAN term
     assert "gan" not in objective.generator_losses(out, real, features).terms
 
@@ -378,6 +378,30 @@ def test_loss_scaling_with_two_optimizers_unscales_before_clipping():
     for a, b in [(plain.generator, scaled.generator), (plain.discriminator, scaled.discriminator)]:
         for (name, p), q in zip(a.named_parameters(), b.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_fp16_autocast_with_grad_scaler_skips_overflowing_steps_and_then_trains():
+    # The real fp16 path (CPU autocast supports float16): a loss scale past float16's range makes the
+    # scaled gradients inf, so both optimizers must skip the step (weights untouched) and the scale
+    # must back off; at a sane scale the next step updates both models with finite losses.
+    config = tv.parse_config(["--config=tiny", "--loss_lpips=0"])
+    batch = {"pixel_values": from_pil(_face_like_images(2, seed=5))}
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)
+    parts = _tiny_parts(config, scaler=scaler)
+    parts.autocast = lambda: torch.autocast("cpu", dtype=torch.float16)
+    before = [p.detach().clone() for p in parts.g_params + parts.d_params]
+    with torch.random.fork_rng(devices=[]):
+        tv.train_step(parts, batch, step=0, gan_on=True)
+    assert scaler.get_scale() == 2.0**39  # one backoff (factor 0.5) after the overflow
+    assert all(torch.equal(p, q) for p, q in zip(parts.g_params + parts.d_params, before))  # step skipped
+
+    scaler.update(new_scale=2.0**8)
+    with torch.random.fork_rng(devices=[]):
+        record = tv.train_step(parts, batch, step=1, gan_on=True)
+    assert all(math.isfinite(v) for v in record.values())
+    changed = [not torch.equal(p, q) for p, q in zip(parts.g_params + parts.d_params, before)]
+    assert any(changed[: len(parts.g_params)]) and any(changed[len(parts.g_params) :])
+    assert scaler.get_scale() == 2.0**8  # no overflow: the scale stays until growth_interval steps
 
 
 def test_online_features_equal_precomputed_ones():

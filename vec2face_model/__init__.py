@@ -7,7 +7,7 @@ resolve them in ``Vec2FacePipeline.from_pretrained`` (it never imports modules n
 from .align import NoFaceFoundError, align_face
 from .attrop import AttrOPConfig, AttrOPResult, attrop
 from .errors import HSFaceError, HubUnreachableError, InvalidInputError
-from .convert import WeightsLoadError, load_state_dict_strict, read_weights
+from .weights import WeightsLoadError, load_state_dict_strict, read_weights
 from .identity import IdentityPrior, perturb, sample_identities
 from .models.discriminator import PatchDiscriminator
 from .models.generator import Vec2Face, Vec2FaceOutput, vec2face_vit_base_patch16

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .convert import load_state_dict_strict, read_weights
+from .weights import load_state_dict_strict, read_weights
 from .errors import HSFaceError, InvalidInputError
 
 __all__ = [

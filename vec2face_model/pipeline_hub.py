@@ -16,7 +16,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .convert import WeightsLoadError
+from .weights import WeightsLoadError
 
 REMOTE_CODE_MODULE = "pipeline"  # diffusers' default custom-pipeline file name is pipeline.py
 OFFICIAL_REPO_ID = "BooBooWu/Vec2Face"

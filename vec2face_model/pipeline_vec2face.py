@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +56,8 @@ from .performance import inference_view, warn_if_slow_precision
 from .timing import StageTimer
 
 
-PRESETS = ("random-tiny",)
+# Random-weight pipelines built in memory by name (tests, benches, docs); not HSFace dataset configs.
+PIPELINE_PRESETS = ("random-tiny",)
 
 # Reduced precision runs matrix products under autocast; attention logits stay float32 (as the
 # official model keeps them), so bf16 changes images by rounding only (see bench/bench_decode.py).
@@ -164,7 +166,7 @@ class Vec2FacePipeline(DiffusionPipeline):
         sigmas: tuple[float, ...] = (0.3, 0.5, 0.7),
         fractions: tuple[float, ...] = (0.4, 0.4, 0.2),
         min_similarity: float = 0.5,
-        attrop: AttrOPSchedule | None = None,
+        attrop_schedule: AttrOPSchedule | None = None,
         refine_identities: AttrOPConfig | None = None,
         seed: int = 0,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -175,6 +177,7 @@ class Vec2FacePipeline(DiffusionPipeline):
         progress: bool = True,
         on_images: Callable[[int], None] | None = None,
         precision: str = "fp32",
+        **deprecated_kwargs,
     ) -> Vec2FacePipelineOutput | tuple:
         """Generate ``images_per_identity`` faces for each identity.
 
@@ -183,7 +186,8 @@ class Vec2FacePipeline(DiffusionPipeline):
         cosine ≤ ``tau``. ``refine_identities`` runs the official identity-refinement AttrOP pass
         (quality only) first. ``on_images(n)`` is called as images are finished (for a caller's
         progress bar). ``precision`` "bf16"/"fp16" runs the networks under autocast (opt-in:
-        changes pixels by rounding).
+        changes pixels by rounding). ``attrop_schedule`` steers pose (the old keyword ``attrop=``
+        still works with a DeprecationWarning; it shadowed the :func:`attrop` function).
 
         Randomness: every draw is keyed by (seed, identity index, image index), never by batch
         position. ``generator`` is diffusers' way to pass it: one int64 is drawn from a
@@ -194,6 +198,7 @@ class Vec2FacePipeline(DiffusionPipeline):
         ``output.to_tuple()`` (images first). Progress bars follow ``set_progress_bar_config``;
         ``progress=False`` turns them off.
         """
+        attrop_schedule = _take_deprecated_attrop(attrop_schedule, deprecated_kwargs)
         if output_type not in ("pil", "np", "pt"):
             raise InvalidInputError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
         if precision not in PRECISIONS:
@@ -211,7 +216,7 @@ class Vec2FacePipeline(DiffusionPipeline):
         else:
             identity_vectors = validate_identity_vectors(identity_vectors, self.generator.config.rep_dim)
             count_ids = len(identity_vectors)
-        per_image = attrop.pose_targets(images_per_identity) if attrop is not None else [None] * images_per_identity
+        per_image = attrop_schedule.pose_targets(images_per_identity) if attrop_schedule is not None else [None] * images_per_identity
         seeds = _identity_seeds(generator, seed, count_ids)
         autocast = torch.autocast(self.device.type, dtype=PRECISIONS[precision] or torch.bfloat16, enabled=precision != "fp32")
         clock = StageTimer(self.device)
@@ -260,7 +265,7 @@ class Vec2FacePipeline(DiffusionPipeline):
             # 5. AttrOP for the scheduled pose images (section 3.3)
             with clock.stage("attrop"):
                 for g, (target_yaw, target_pitch, target_roll) in enumerate(groups):
-                    config = dataclasses.replace(attrop.config, target_yaw=target_yaw, target_pitch=target_pitch, target_roll=target_roll)
+                    config = dataclasses.replace(attrop_schedule.config, target_yaw=target_yaw, target_pitch=target_pitch, target_roll=target_roll)
                     for rows in _batches(torch.nonzero(group == g).flatten(), batch_size):
                         result = self.steer(vectors[rows], identities[labels[rows] - identity_offset], labels[rows], image_index[rows], config, seed=row_seeds[rows])
                         vectors[rows] = result.vectors.to(vectors.dtype)
@@ -467,7 +472,7 @@ class Vec2FacePipeline(DiffusionPipeline):
         elsewhere; an unreadable or foreign weight file raises ``WeightsLoadError`` naming it.
         """
         name = str(pretrained_model_name_or_path)
-        if name in PRESETS:
+        if name in PIPELINE_PRESETS:
             return cls.from_preset(name)
         path = Path(name).expanduser()
         if path.is_dir():
@@ -475,7 +480,7 @@ class Vec2FacePipeline(DiffusionPipeline):
                 return cls.from_official(path, prior_features=prior_features, **kwargs)
             return cls._from_diffusers_folder(path, **kwargs)
         if path.exists() or name.count("/") != 1:
-            raise FileNotFoundError(f"{name}: not a folder, preset ({', '.join(PRESETS)}) or Hub repo id (owner/name)")
+            raise FileNotFoundError(f"{name}: not a folder, preset ({', '.join(PIPELINE_PRESETS)}) or Hub repo id (owner/name)")
         try:
             if name == OFFICIAL_REPO_ID:
                 from huggingface_hub import snapshot_download
@@ -554,8 +559,8 @@ class Vec2FacePipeline(DiffusionPipeline):
 
         Its images are not faces; datasets built with it are labelled ``random-tiny``.
         """
-        if name not in PRESETS:
-            raise InvalidInputError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
+        if name not in PIPELINE_PRESETS:
+            raise InvalidInputError(f"unknown preset {name!r}; available: {', '.join(PIPELINE_PRESETS)}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             generator = Vec2Face(**TINY_GENERATOR).eval()
@@ -633,3 +638,29 @@ def _perturb_with_seeds(identities: torch.Tensor, images_per_identity: int, seed
     parts = [perturb(identities[i : i + 1], images_per_identity, seed=int(s), identity_offset=identity_offset + i, **options)
              for i, s in enumerate(seeds.tolist())]
     return PerturbedVectors(*(torch.cat([getattr(p, f) for p in parts]) for f in PerturbedVectors.__dataclass_fields__))
+
+
+def _take_deprecated_attrop(attrop_schedule: AttrOPSchedule | None, deprecated_kwargs: dict) -> AttrOPSchedule | None:
+    """``attrop_schedule``, or the schedule passed under its old keyword ``attrop=`` (with a warning)."""
+    if "attrop" in deprecated_kwargs:
+        warnings.warn(
+            "Vec2FacePipeline(attrop=...) is deprecated; use attrop_schedule=... (same AttrOPSchedule)",
+            DeprecationWarning, stacklevel=3,
+        )
+        legacy = deprecated_kwargs.pop("attrop")
+        if attrop_schedule is not None and legacy is not None:
+            raise InvalidInputError("pass the AttrOP schedule once: attrop_schedule=... (attrop=... is its deprecated name)")
+        attrop_schedule = legacy if attrop_schedule is None else attrop_schedule
+    if deprecated_kwargs:
+        raise TypeError(f"Vec2FacePipeline.__call__() got unexpected keyword arguments: {', '.join(sorted(deprecated_kwargs))}")
+    return attrop_schedule
+
+
+def __getattr__(name: str):
+    # "PRESETS" also names HSFace dataset configs and recipe settings; the old name stays for a while
+    if name == "PRESETS":
+        warnings.warn(
+            "vec2face_model.pipeline_vec2face.PRESETS is deprecated; use PIPELINE_PRESETS", DeprecationWarning, stacklevel=2
+        )
+        return PIPELINE_PRESETS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

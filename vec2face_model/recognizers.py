@@ -27,7 +27,7 @@ _HUB_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
 def recognizer_hash(model: torch.nn.Module) -> str:
     """sha256 of the recognizer's weights: the builder's provenance digest (``weights_sha256``),
     so an analysis can be matched to the recognizer a dataset was generated with."""
-    from .convert import weights_sha256
+    from .weights import weights_sha256
 
     return weights_sha256(model)
 
@@ -67,12 +67,12 @@ def load_recognizer(name_or_path: str | os.PathLike | None = None) -> IResNet:
       layout: ``weights/arcface-r100-glint360k.pth``);
     * a Hub repo id (``owner/name``) holding an ``IResNet.save_pretrained`` folder.
     """
-    from .pipeline_vec2face import OFFICIAL_FILES, PRESETS
+    from .pipeline_vec2face import OFFICIAL_FILES, PIPELINE_PRESETS
 
     if name_or_path is None:
         return IResNet.from_official(_official_recognizer_file()).eval()
     name = str(name_or_path)
-    if name in PRESETS:
+    if name in PIPELINE_PRESETS:
         return copy.deepcopy(_preset_recognizer(name))
     path = Path(name).expanduser()
     if path.is_file():
@@ -80,7 +80,7 @@ def load_recognizer(name_or_path: str | os.PathLike | None = None) -> IResNet:
     if not path.is_dir():
         missing = FileNotFoundError(
             f"recognizer {name!r}: no such file or folder. Pass an IResNet folder, an official .pth, "
-            f"a Vec2FacePipeline folder, a Hub repo id, or a preset ({', '.join(PRESETS)})."
+            f"a Vec2FacePipeline folder, a Hub repo id, or a preset ({', '.join(PIPELINE_PRESETS)})."
         )
         if not _HUB_REPO_ID.fullmatch(name):
             raise missing

@@ -18,7 +18,7 @@ from diffusers import ModelMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import nn
 
-from ..convert import StateDict, WeightsLoadError, load_official_model
+from ..weights import StateDict, WeightsLoadError, load_official_model
 
 __all__ = ["PatchDiscriminator", "cross_embed_widths", "infer_discriminator_config"]
 

@@ -21,6 +21,7 @@ Reference: ``shared/reference/ARCHITECTURE.md`` section 2.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from math import gcd
@@ -35,7 +36,7 @@ from timm.layers import Mlp, PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from ..convert import StateDict, WeightsLoadError, load_official_model
+from ..weights import StateDict, WeightsLoadError, load_official_model
 from ..errors import InvalidInputError
 
 NUM_FEATURE_TOKENS = 49  # 7x7 map, hard-coded in the official model
@@ -57,7 +58,8 @@ class Vec2FaceOutput(BaseOutput):
     """Result of :meth:`Vec2Face.forward`.
 
     images: [B,3,112,112] RGB, nominal range [-1,1], NOT clipped.
-    logits: [B,50,D] decoder output tokens (training target of the token loss is ``gt_tokens``).
+    tokens: [B,50,D] decoder output tokens (training target of the token loss is ``gt_tokens``).
+        ``logits`` is a deprecated alias (the field never held logits).
     gt_tokens: [B,50,D] identity + feature tokens before masking (detached).
     latent: [B,50-n_drop,D] encoder output.
     image_latents: [B,z,7,7] the projection fed to the image decoder.
@@ -65,12 +67,17 @@ class Vec2FaceOutput(BaseOutput):
     """
 
     images: torch.Tensor
-    logits: torch.Tensor
+    tokens: torch.Tensor
     gt_tokens: torch.Tensor
     latent: torch.Tensor
     image_latents: torch.Tensor
     token_drop_mask: torch.Tensor
     token_all_mask: torch.Tensor
+
+    @property
+    def logits(self) -> torch.Tensor:
+        warnings.warn("Vec2FaceOutput.logits is deprecated; use .tokens (decoder output tokens)", DeprecationWarning, stacklevel=2)
+        return self.tokens
 
 
 # --------------------------------------------------------------------------------------------------
@@ -108,37 +115,37 @@ def masks_from_noise(noise: torch.Tensor, num_dropped: int, num_masked: torch.Te
 def draw_token_masks(
     batch_size: int,
     ratio: tuple[float, float, float, float] = INFERENCE_MASK_RATIO,
-    generator: GeneratorArg = None,
+    rng: GeneratorArg = None,
     device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw (token_drop_mask, token_all_mask), each [B,50] float, as the official model does.
 
     The masked fraction r ~ truncnorm(min, mu, std, max); ``ceil(49·min)`` tokens are dropped before
-    the encoder and ``ceil(49·r)`` are masked. With one ``torch.Generator`` (or None: torch's global
-    RNG) one ratio is drawn for the batch, as in the official code. With a list of generators, one
+    the encoder and ``ceil(49·r)`` are masked. With one ``torch.Generator`` as ``rng`` (or None: torch's
+    global RNG) one ratio is drawn for the batch, as in the official code. With a list of generators, one
     per sample, each sample draws its own ratio and noise, so its mask does not depend on the rest
     of the batch (what dataset generation needs for batch-size independence).
     """
     num_dropped = math.ceil(NUM_FEATURE_TOKENS * ratio[0])
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != batch_size:
-            raise ValueError(f"got {len(generator)} generators for a batch of {batch_size}; pass one per sample")
-        draws = [_draw_ratio_and_noise(1, ratio, g) for g in generator]
+    if isinstance(rng, (list, tuple)):
+        if len(rng) != batch_size:
+            raise ValueError(f"got {len(rng)} generators for a batch of {batch_size}; pass one per sample")
+        draws = [_draw_ratio_and_noise(1, ratio, g) for g in rng]
         num_masked = torch.cat([d[0] for d in draws])
         noise = torch.cat([d[1] for d in draws])
     else:
-        num_masked, noise = _draw_ratio_and_noise(batch_size, ratio, generator)
+        num_masked, noise = _draw_ratio_and_noise(batch_size, ratio, rng)
         num_masked = num_masked.expand(batch_size)
     drop, masked = masks_from_noise(noise, num_dropped, num_masked)
     return drop.to(device), masked.to(device)
 
 
-def _draw_ratio_and_noise(rows: int, ratio, generator: torch.Generator | None):
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    u = torch.rand(1, generator=generator, device=gen_device, dtype=torch.float64).cpu()
+def _draw_ratio_and_noise(rows: int, ratio, rng: torch.Generator | None):
+    rng_device = rng.device if rng is not None else torch.device("cpu")
+    u = torch.rand(1, generator=rng, device=rng_device, dtype=torch.float64).cpu()
     # float64 product then ceil, as numpy does in the official code (49*0.1 -> 4.9000000000000004 -> 5)
     num_masked = torch.ceil(NUM_FEATURE_TOKENS * truncated_normal_ppf(u, ratio)).long()
-    noise = torch.rand(rows, NUM_FEATURE_TOKENS, generator=generator, device=gen_device).cpu()
+    noise = torch.rand(rows, NUM_FEATURE_TOKENS, generator=rng, device=rng_device).cpu()
     return num_masked, noise
 
 
@@ -416,9 +423,10 @@ class Vec2Face(ModelMixin, ConfigMixin):
         c = self.config
         return (c.mask_ratio_min, c.mask_ratio_mu, c.mask_ratio_std, c.mask_ratio_max)
 
-    def draw_masks(self, batch_size: int, generator: GeneratorArg = None, ratio=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Masks for a batch; ``ratio`` (min, mu, std, max) defaults to the config (inference settings)."""
-        return draw_token_masks(batch_size, ratio or self.mask_ratio, generator, device=self.device)
+    def draw_masks(self, batch_size: int, rng: GeneratorArg = None, ratio=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masks for a batch; ``ratio`` (min, mu, std, max) defaults to the config (inference settings).
+        ``rng``: a torch.Generator, one per sample, or None (in this module ``generator`` is the network)."""
+        return draw_token_masks(batch_size, ratio or self.mask_ratio, rng, device=self.device)
 
     # -- forward ----------------------------------------------------------------------------------
 
@@ -444,7 +452,7 @@ class Vec2Face(ModelMixin, ConfigMixin):
         return self.norm(x), gt_tokens
 
     def decode_tokens(self, latent: torch.Tensor, token_drop_mask: torch.Tensor, token_all_mask: torch.Tensor):
-        """Decoder half: returns (image_latents [B,z,7,7], logits [B,50,Dd])."""
+        """Decoder half: returns (image_latents [B,z,7,7], tokens [B,50,Dd])."""
         x = self.decoder_embed(latent)
         batch, _, width = x.shape
         fill = x[:, :1]  # the embedded identity token fills every masked position
@@ -457,10 +465,10 @@ class Vec2Face(ModelMixin, ConfigMixin):
         checkpoint = _checkpointing(self)
         for block in self.decoder_blocks:
             x = checkpoint(block, x)
-        logits = self.decoder_norm(x)
-        grid = logits[:, 1:].reshape(batch, TOKEN_GRID, TOKEN_GRID, width)
+        tokens = self.decoder_norm(x)
+        grid = tokens[:, 1:].reshape(batch, TOKEN_GRID, TOKEN_GRID, width)
         image_latents = self.im_decoder_proj(grid).permute(0, 3, 1, 2)
-        return image_latents, logits
+        return image_latents, tokens
 
     def forward(
         self,
@@ -468,22 +476,22 @@ class Vec2Face(ModelMixin, ConfigMixin):
         *,
         token_drop_mask: torch.Tensor | None = None,
         token_all_mask: torch.Tensor | None = None,
-        generator: GeneratorArg = None,
+        generator: GeneratorArg = None,  # diffusers' keyword for the mask torch.Generator(s)
     ) -> Vec2FaceOutput:
         if vectors.dim() != 2 or vectors.shape[1] != self.config.rep_dim:
             raise ValueError(f"expected identity vectors of shape [B, {self.config.rep_dim}], got {tuple(vectors.shape)}")
         if (token_drop_mask is None) != (token_all_mask is None):
             raise ValueError("pass both token_drop_mask and token_all_mask, or neither")
         if token_drop_mask is None:
-            token_drop_mask, token_all_mask = self.draw_masks(vectors.shape[0], generator)
+            token_drop_mask, token_all_mask = self.draw_masks(vectors.shape[0], rng=generator)
         token_drop_mask = token_drop_mask.to(vectors.device)
         token_all_mask = token_all_mask.to(vectors.device)
         latent, gt_tokens = self.encode(vectors, token_drop_mask, token_all_mask)
-        image_latents, logits = self.decode_tokens(latent, token_drop_mask, token_all_mask)
+        image_latents, tokens = self.decode_tokens(latent, token_drop_mask, token_all_mask)
         images = self.im_decoder(image_latents)
         return Vec2FaceOutput(
             images=images,
-            logits=logits,
+            tokens=tokens,
             gt_tokens=gt_tokens,
             latent=latent,
             image_latents=image_latents,

@@ -35,7 +35,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from ..convert import StateDict, WeightsLoadError, load_official_model
+from ..weights import StateDict, WeightsLoadError, load_official_model
 
 __all__ = [
     "SE_MODES",

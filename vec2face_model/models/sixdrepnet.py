@@ -27,7 +27,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import nn
 
 from ..conventions import to_pose_input
-from ..convert import StateDict, WeightsLoadError, load_official_model
+from ..weights import StateDict, WeightsLoadError, load_official_model
 
 __all__ = [
     "SixDRepNet",
