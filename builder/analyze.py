@@ -153,9 +153,11 @@ def extract_features(dataset, recognizer: IResNet, batch_size: int = 64, cache_d
 
 
 def _load_reference(path) -> np.ndarray:
+    from vec2face_model.errors import MissingInputError
+
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"reference features {path}: no such file (expected .npy or .safetensors [R, D] features)")
+        raise MissingInputError(f"reference features {path}: no such file (expected .npy or .safetensors [R, D] features)")
     if path.suffix == ".npy":
         return np.load(path)
     if path.suffix == ".safetensors":
@@ -255,6 +257,7 @@ def analyze_dataset(
 
     from vec2face_model import recognizers
     from vec2face_model.analysis import analyze_features, write_report
+    from vec2face_model.errors import MissingInputError, looks_like_a_path
     from vec2face_model.files import write_text_atomic
 
     local = Path(path_or_repo).expanduser()
@@ -269,7 +272,10 @@ def analyze_dataset(
         model = recognizer if isinstance(recognizer, torch.nn.Module) else recognizers.load_recognizer(recognizer)
     except FileNotFoundError as err:
         hint = _preset_hint(local, built) if recognizer is None else None
-        raise FileNotFoundError(f"{err}{hint or ''}") from err
+        raise MissingInputError(f"{err}{hint or ''}") from err
+    if looks_like_a_path(str(path_or_repo)) and not local.exists():
+        raise MissingInputError(f"{path_or_repo}: no such folder. Pass an `hsface build` output folder, a folder of "
+                                "parquet/image files, or a Hub dataset id.")
     reference_features = _load_reference(reference) if reference is not None else None
     dataset = _load_train_split(path_or_repo, config)
 

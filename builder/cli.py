@@ -120,9 +120,9 @@ def _add_build(sub) -> None:
     b.add_argument("--model", help="pipeline: preset 'random-tiny', a local folder, or a Hub repo id (default: official weights)")
     b.add_argument("--seed", type=_non_negative_int, help="seed of identity sampling and every image (default 0); "
                                                           "another seed is another dataset")
-    b.add_argument("--shard-size", type=_positive_int, help="identities per parquet shard (default 200); recorded, "
+    b.add_argument("--shard-size", type=_positive_int, help="identities per parquet shard (the config's; 200 in the paper configs); recorded, "
                                                             "a resume must use the same value")
-    b.add_argument("--batch-size", type=_positive_int, help="images per forward pass (default 32); recorded, since "
+    b.add_argument("--batch-size", type=_positive_int, help="images per forward pass (the config's; 32 in the paper configs); recorded, since "
                                                             "refinement and AttrOP results depend on it: a resume must "
                                                             "use the same value")
     b.add_argument("--image-format", choices=["jpeg", "png"], help="image encoding: jpeg (quality 95, default) or png (lossless, ~5x larger)")

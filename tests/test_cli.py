@@ -127,3 +127,17 @@ def test_debug_shows_the_traceback_of_hsface_errors_too(failing_command, capsys,
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and err.endswith("hsface fail: error: the input is bad; pass a good one\n")
+
+
+@pytest.mark.parametrize("args, says", [
+    (["convert", "/nonexistent-hsface", "/tmp/hsface-convert-out"], "expected the official Vec2Face layout"),
+    (["build", "tiny", "--model", "/nonexistent-hsface", "--out", "/tmp/hsface-never-written"], "no such folder"),
+    (["build", "tiny", "--model", "no-such-folder", "--out", "/tmp/hsface-never-written"], "no such folder"),
+    (["analyze", "/nonexistent-hsface", "--recognizer", "random-tiny"], "no such folder"),
+])
+def test_missing_inputs_are_one_line_errors(args, says):
+    result = subprocess.run([sys.executable, "-m", "builder.cli", *args], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=PROJECT_ROOT)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and says in result.stderr
+    assert not Path("/tmp/hsface-never-written").exists() and not Path("/tmp/hsface-convert-out").exists()

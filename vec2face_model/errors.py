@@ -16,3 +16,12 @@ class InvalidInputError(HSFaceError, ValueError):
 
 class HubUnreachableError(HSFaceError, OSError):
     """The Hugging Face Hub could not be reached (offline, network down, repo missing or private)."""
+
+
+class MissingInputError(HSFaceError, FileNotFoundError):
+    """A file, folder or model named as input does not exist where it was looked for."""
+
+
+def looks_like_a_path(name: str) -> bool:
+    """Whether ``name`` was meant as a local path (a Hub repo id never starts like this)."""
+    return name.startswith(("/", "./", "../", "~", ".\\")) or name in (".", "..")

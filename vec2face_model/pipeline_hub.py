@@ -131,7 +131,7 @@ def offline_advice(name: str, err: BaseException) -> str:
     return (
         f"Could not reach the Hugging Face Hub for {name!r} ({type(err).__name__}).{offline} On a machine with "
         f"network access run `{command}`, copy the folder here and pass the local folder: "
-        f"Vec2FacePipeline.from_pretrained({local!r})."
+        f"Vec2FacePipeline.from_pretrained({local!r}), or `--model {local}` on the hsface command line."
     )
 
 

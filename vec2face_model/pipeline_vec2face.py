@@ -34,7 +34,7 @@ from . import seeding
 from .attrop import AttrOPConfig, attrop
 from .conventions import from_pil, tensor_to_uint8, to_pil
 from .feature_math import cosine, l2_normalize, rescale_to_norm
-from .errors import HubUnreachableError, InvalidInputError
+from .errors import HubUnreachableError, InvalidInputError, MissingInputError, looks_like_a_path
 from .identity import IdentityPrior, PerturbedVectors, perturb, sample_identities, validate_identity_vectors
 from .models.generator import Vec2Face
 from .models.iresnet import IResNet, magface_quality
@@ -448,7 +448,8 @@ class Vec2FacePipeline(DiffusionPipeline):
         folder = Path(folder)
         files = {name: folder / rel for name, rel in OFFICIAL_FILES.items()}
         if not files["generator"].exists():
-            raise FileNotFoundError(f"{folder}: no {OFFICIAL_FILES['generator']}; expected the official Vec2Face layout")
+            raise MissingInputError(f"{folder}: no {OFFICIAL_FILES['generator']}; expected the official Vec2Face layout "
+                                    f"(a folder downloaded from {OFFICIAL_REPO_ID})")
         generator = Vec2Face.from_official(files["generator"], **generator_overrides)
         recognizer = IResNet.from_official(files["recognizer"]).eval() if files["recognizer"].exists() else None
         quality = IResNet.from_official(files["quality"]).eval() if files["quality"].exists() else None
@@ -479,8 +480,9 @@ class Vec2FacePipeline(DiffusionPipeline):
             if (path / OFFICIAL_FILES["generator"]).exists():
                 return cls.from_official(path, prior_features=prior_features, **kwargs)
             return cls._from_diffusers_folder(path, **kwargs)
-        if path.exists() or name.count("/") != 1:
-            raise FileNotFoundError(f"{name}: not a folder, preset ({', '.join(PIPELINE_PRESETS)}) or Hub repo id (owner/name)")
+        if path.exists() or name.count("/") != 1 or looks_like_a_path(name):
+            raise MissingInputError(f"{name}: no such folder, and not a preset ({', '.join(PIPELINE_PRESETS)}) or a Hub repo "
+                                    f"id (owner/name)")
         try:
             if name == OFFICIAL_REPO_ID:
                 from huggingface_hub import snapshot_download

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import MissingInputError
 from .models.iresnet import IResNet
 
 __all__ = ["embed_images", "load_recognizer", "recognizer_hash"]
@@ -40,7 +41,7 @@ def _official_recognizer_file() -> Path:
     try:
         return Path(hf_hub_download(OFFICIAL_REPO_ID, OFFICIAL_FILES["recognizer"]))
     except Exception as err:  # offline, not cached, no access: all end in the same advice
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"no recognizer given and the official ArcFace weights ({OFFICIAL_REPO_ID}/{OFFICIAL_FILES['recognizer']}) "
             f"are not available ({type(err).__name__}). Pass --recognizer: an IResNet folder (save_pretrained), "
             "an official .pth, a Vec2FacePipeline folder, or 'random-tiny' for a smoke run."
@@ -78,7 +79,7 @@ def load_recognizer(name_or_path: str | os.PathLike | None = None) -> IResNet:
     if path.is_file():
         return IResNet.from_official(path).eval()
     if not path.is_dir():
-        missing = FileNotFoundError(
+        missing = MissingInputError(
             f"recognizer {name!r}: no such file or folder. Pass an IResNet folder, an official .pth, "
             f"a Vec2FacePipeline folder, a Hub repo id, or a preset ({', '.join(PIPELINE_PRESETS)})."
         )
