@@ -101,13 +101,15 @@ def _differences(existing: dict, record: dict) -> list[str]:
     lines = []
     old, new = existing.get("parameters", {}), record["parameters"]
     for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key):
+        if key not in old:
+            lines.append(f"{key}: not recorded (built by an older hsface), now {json.dumps(new[key])}")
+        elif old.get(key) != new.get(key):
             lines.append(f"{key}: built with {json.dumps(old.get(key))}, now {json.dumps(new.get(key))}")
     old, new = existing.get("provenance", {}), record["provenance"]
     if old.get("preset") != new.get("preset"):
         lines.append(f"model preset: built with {old.get('preset')!r}, now {new.get('preset')!r}")
     old, new = old.get("components", {}), new.get("components", {})
-    for name in sorted(set(old) | set(new)):
+    for name in sorted(set(old) | set(new) - {"prior"}):  # older builds hashed the refitted prior too
         a, b = old.get(name, {}).get("sha256"), new.get(name, {}).get("sha256")
         if a != b:
             lines.append(f"{name} weights: built with sha256 {(a or 'none')[:12]}, now {(b or 'none')[:12]}")
@@ -280,7 +282,8 @@ def build(
                                provenance=provenance) as output:
         for shard in mine:
             # the main process's bar stands for every rank: ranks work on equal shards at the same pace
-            generated = generate_shard(pipe, config, identities, shard, on_images=lambda n: bar.update(n * state.num_processes))
+            generated = generate_shard(pipe, config, identities, shard,
+                                       on_images=lambda n: bar.update(min(n * state.num_processes, bar.total - bar.n)))
             timer.merge(generated.timings)
             output.submit(shard, generated)
     bar.close()

@@ -119,3 +119,16 @@ def test_a_reduced_precision_build_records_its_measured_speed_up(tmp_path):
     execution = json.loads((tmp_path / "bf16" / "tiny" / "generation.json").read_text())["execution"]
     assert execution["precision"] == "bf16" and execution["speedup"] > 0 and isinstance(execution["native_kernels"], bool)
     assert "| execution | value |" in (tmp_path / "bf16" / "README.md").read_text()
+
+
+def test_a_folder_from_an_older_hsface_is_refused_for_what_it_did_not_record(built, tmp_path, capsys):
+    out = tmp_path / "old"
+    shutil.copytree(built, out)
+    generation = out / "tiny" / "generation.json"
+    record = json.loads(generation.read_text())
+    del record["parameters"]["batch_size"]  # not a content field before
+    record["provenance"]["components"]["prior"] = {"class": "IdentityPrior", "sha256": "0" * 64}  # hashed before
+    generation.write_text(json.dumps(record))
+    code = hsface(["build", "tiny", "--model", "random-tiny", "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "batch_size: not recorded (built by an older hsface), now 8" in err and "prior" not in err
