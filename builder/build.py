@@ -109,7 +109,7 @@ def _differences(existing: dict, record: dict) -> list[str]:
     if old.get("preset") != new.get("preset"):
         lines.append(f"model preset: built with {old.get('preset')!r}, now {new.get('preset')!r}")
     old, new = old.get("components", {}), new.get("components", {})
-    for name in sorted(set(old) | set(new) - {"prior"}):  # older builds hashed the refitted prior too
+    for name in sorted((set(old) | set(new)) - {"prior"}):  # older builds hashed the refitted prior too
         a, b = old.get(name, {}).get("sha256"), new.get(name, {}).get("sha256")
         if a != b:
             lines.append(f"{name} weights: built with sha256 {(a or 'none')[:12]}, now {(b or 'none')[:12]}")
