@@ -16,7 +16,7 @@ from functools import partial
 
 import numpy as np
 
-from builder.hsface_builder import encode_image
+from vec2face_model.image_io import encode_image
 
 
 def main() -> None:

@@ -247,9 +247,10 @@ def build(
     with timer.stage("load"):
         pipe = pipe if pipe is not None else load_pipeline(config.model)
         configure_pipeline(pipe.to(state.device), config)
+        features = shard_features(config)
         record = {"config": config.name, "parameters": config.content(), "provenance": model_provenance(pipe),
-                  "features": shard_features(config).to_dict()}
-    writer = ShardWriter(config_dir, config.num_shards, shard_features(config))
+                  "features": features.to_dict()}
+    writer = ShardWriter(config_dir, config.num_shards, features)
     todo: list[int] = []
     if state.is_main_process:
         recorded = config_dir / GENERATION_FILE

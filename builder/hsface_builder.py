@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from datasets.builder import Key
 
-from vec2face_model.image_io import encode_image  # noqa: F401  (also re-exported: bench/bench_encode.py)
+from vec2face_model.image_io import encode_image
 from vec2face_model.pipeline_vec2face import Vec2FacePipeline, Vec2FacePipelineOutput
 
 from .config import HSFACE_CONFIGS, HSFaceConfig

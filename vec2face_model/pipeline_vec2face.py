@@ -94,10 +94,6 @@ class AttrOPSchedule:
             raise InvalidInputError(f"AttrOP schedule needs {len(targets)} images per identity, only {images_per_identity} requested")
         return [None] * (images_per_identity - len(targets)) + targets
 
-    def target_yaws(self, images_per_identity: int) -> list[float | None]:
-        """Per image index: the yaw target, or None for a plain image (or one steered in pitch/roll only)."""
-        return [None if t is None else t[0] for t in self.pose_targets(images_per_identity)]
-
 
 @dataclass
 class Vec2FacePipelineOutput(BaseOutput):
